@@ -1,0 +1,1 @@
+"""Evaluation: sampling, perplexity bounds, downstream benchmarks."""

@@ -1,0 +1,1 @@
+"""Launchers: torchrun, slurm, and the memory planner."""

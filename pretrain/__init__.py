@@ -1,0 +1,1 @@
+"""Pretraining: config, objective, training loop, checkpoints, parallelism."""

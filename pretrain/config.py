@@ -1,0 +1,341 @@
+"""Typed run configuration: dataclasses, loaded from YAML with dotted `key.sub=value` overrides.
+
+Everything is validated at load time: unknown keys (with the closest valid key suggested), wrong types,
+values outside their choices and impossible combinations all fail before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from model.config import ModelConfig, get_preset
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message naming the key and what would be valid."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Built-in corpus: a random sparse Markov chain whose entropy rate is known exactly."""
+    num_symbols: int = 64
+    branching: int = 4  # successors per symbol
+    concentration: float = 0.5  # Dirichlet concentration of each row's transition probabilities
+    seed: int = 1234  # the language itself (independent of the training seed)
+
+
+@dataclass
+class SourceConfig:
+    """One prepared dataset (a folder written by `python -m data.prepare`) in a blend."""
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class PrepareConfig:
+    """How to prepare the data on first use when `data.sources` folders do not exist yet."""
+    inputs: list[str] = field(default_factory=list)  # local files/globs, or hub dataset ids ("hf:wikitext/...")
+    text_field: str = "text"
+    split: str = "train"
+    tokenizer: str = "bpe"  # "bpe" (train a byte-level BPE), a tokenizer.json path, a folder, or a hub name
+    vocab_size: int = 8192  # for a trained BPE
+    workers: int = 2
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["synthetic", "prepared"] = "synthetic"
+    seq_len: int = 128
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    sources: list[SourceConfig] = field(default_factory=list)
+    prepare: Optional[PrepareConfig] = None
+    valid_fraction: float = 0.01  # held out by document
+    extra_valid: list[str] = field(default_factory=list)  # text files evaluated as extra validation sets
+    random_length_prob: float = 0.01  # LLaDA: this fraction of batches is cut to a random length in [1, L]
+
+
+@dataclass
+class DiffusionConfig:
+    objective: Literal["mdm", "ar"] = "mdm"  # ar: next-token CE baseline (needs model.causal=true)
+    schedule: Literal["linear", "cosine"] = "linear"
+    eps: float = 1e-3  # p_mask = (1 - eps) t + eps keeps t off zero
+    t_sampling: Literal["stratified", "uniform"] = "stratified"  # stratified over the global batch
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms_and_embeddings: bool = False
+    grad_clip: float = 1.0  # 0 disables
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: final fraction of steps with linear decay to min_lr
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    steps: int = 1000
+    global_batch_size: int = 32  # sequences per optimizer step, all ranks together
+    micro_batch_size: int = 0  # sequences per rank per forward; 0: global / data-parallel degree
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    eval_every: int = 200
+    eval_batches: int = 8
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto: latest checkpoint in the run directory; none; or a checkpoint path
+    samples: int = 4  # sequences sampled at the end of training (0 to skip)
+    sample_steps: int = 64
+    sample_temperature: float = 1.0
+    peak_flops: float = 0.0  # per device, for MFU; 0: measured fp32 matmul peak on CPU, table on CUDA
+    threads: int = 0  # torch CPU threads; 0: leave the default
+    stop_after: int = 0  # stop (after saving) once this many steps ran in this process; 0: never (tests, drills)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "unmask"
+    progress_bar: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    engine: Literal["native", "deepspeed"] = "native"
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the world size leaves after dp_replicate and tp
+    tp: int = 1
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    ac_every: int = 2  # selective: checkpoint every N-th block
+    compile: bool = False
+    zero_stage: int = 1  # deepspeed only
+    async_save: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> None:
+        checks = [
+            (self.diffusion.objective == "ar" and not self.model.causal,
+             "diffusion.objective=ar needs model.causal=true (an autoregressive model must not see the future)"),
+            (self.diffusion.objective == "mdm" and self.model.causal,
+             "diffusion.objective=mdm needs model.causal=false (masked diffusion is bidirectional)"),
+            (not 0 <= self.diffusion.eps < 1, f"diffusion.eps={self.diffusion.eps} must lie in [0, 1)"),
+            (self.data.seq_len > self.model.max_seq_len,
+             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"),
+            (self.data.seq_len < 2, "data.seq_len must be at least 2"),
+            (not 0 <= self.data.random_length_prob <= 1, "data.random_length_prob must lie in [0, 1]"),
+            (self.train.steps <= 0, "train.steps must be positive"),
+            (self.train.global_batch_size <= 0, "train.global_batch_size must be positive"),
+            (self.optim.warmup_steps < 0, "optim.warmup_steps must be >= 0"),
+            (not 0 <= self.optim.decay_fraction <= 1, "optim.decay_fraction must lie in [0, 1]"),
+            (self.optim.min_lr > self.optim.lr, f"optim.min_lr={self.optim.min_lr} exceeds optim.lr={self.optim.lr}"),
+            (self.data.kind == "prepared" and not self.data.sources,
+             "data.kind=prepared needs data.sources (a list of {path, weight}) — prepare one with python -m data.prepare"),
+            (self.parallel.zero_stage not in (0, 1, 2, 3), "parallel.zero_stage must be 0, 1, 2 or 3"),
+            (self.train.eval_every <= 0 or self.train.log_every <= 0 or self.train.save_every <= 0,
+             "train.eval_every, train.log_every and train.save_every must be positive"),
+        ]
+        for bad, message in checks:
+            if bad:
+                raise ConfigError(message)
+        try:
+            self.model.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- generic loading
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp, key: str):
+    """Check/convert one YAML value against a type annotation; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of "
+                          f"{', '.join(_type_name(a) for a in args)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not a valid choice; choose one of: "
+                              f"{', '.join(map(str, choices))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _unknown_key(cls, key: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f" Did you mean {prefix}{close[0]}?" if close else ""
+    return ConfigError(f"unknown config key {prefix}{key}.{hint} Valid keys under "
+                       f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a plain dict, strictly."""
+    hints = typing.get_type_hints(cls)
+    field_names = {f.name for f in dataclasses.fields(cls)}
+    data = dict(data)
+    if cls is ModelConfig and data.get("preset"):
+        if not isinstance(data["preset"], str):
+            raise ConfigError(f"{prefix}preset must be a string, got {data['preset']!r}")
+        try:
+            base = dataclasses.asdict(get_preset(data["preset"]))
+        except ValueError as e:
+            raise ConfigError(f"{prefix}preset: {e}") from None
+        base.update(data)
+        data = base
+    kwargs = {}
+    for key, value in data.items():
+        if key not in field_names:
+            raise _unknown_key(cls, key, prefix)
+        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    out = dataclasses.asdict(obj)
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+    return plain(out)
+
+
+def _set_dotted(tree: dict, dotted: str, value, root_cls) -> None:
+    parts = dotted.split(".")
+    cls = root_cls
+    node = tree
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i]) + ("." if i else "")
+        if cls is not None and dataclasses.is_dataclass(cls):
+            names = {f.name for f in dataclasses.fields(cls)}
+            if part not in names:
+                raise _unknown_key(cls, part, prefix)
+            hint = typing.get_type_hints(cls)[part]
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            cls = hint if dataclasses.is_dataclass(hint) else (args[0] if len(args) == 1 and
+                                                              dataclasses.is_dataclass(args[0]) else None)
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. train.steps=100)")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist (the recipes live in configs/)")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model, data, train, ...)")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value, Config)
+    cfg = from_dict(Config, tree)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,240 @@
+"""The training loop: one screen, top to bottom."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from data import Loader, build_data
+from model import Transformer, count_params, flops_per_token
+
+from .checkpoint import Checkpointer, latest_checkpoint
+from .config import Config, ConfigError, save_config, to_dict
+from .diffusion import StepNoise, ar_loss, draw_step_noise, get_schedule, mdm_loss
+from .flops import peak_flops
+from .lr import lr_at
+from .metrics import MetricLogger
+from .parallel import ParallelDims, build_mesh, dp_coordinates, init_distributed, parallelize
+
+
+def resolve_model(cfg: Config, data) -> None:
+    """Fill the model's vocabulary and mask id from the data, and check that they agree."""
+    m = cfg.model
+    if m.vocab_size is None:
+        m.vocab_size = data.vocab_size
+    if m.vocab_size < data.vocab_size:
+        raise ConfigError(f"the data's tokenizer has {data.vocab_size} ids but model.vocab_size={m.vocab_size}: "
+                          f"raise model.vocab_size (or leave it unset to take it from the data)")
+    if m.mask_id is None:
+        m.mask_id = data.mask_id
+    if m.mask_id != data.mask_id:
+        raise ConfigError(f"model.mask_id={m.mask_id} differs from the data's mask id {data.mask_id}")
+    cfg.validate()
+
+
+def build_optimizer(model, ocfg, fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_norm_or_emb = p.ndim < 2 or name.startswith("tok_embeddings")
+        (no_decay if is_norm_or_emb and not ocfg.decay_norms_and_embeddings else decay).append(p)
+    groups = [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps, fused=fused)
+
+
+def objective_loss(model, cfg: Config, x0, doc_ids, u, mask_uniform, schedule):
+    if cfg.diffusion.objective == "ar":
+        return ar_loss(model, x0, doc_ids)
+    return mdm_loss(model, x0, u, mask_uniform, mask_id=cfg.model.mask_id, schedule=schedule,
+                    eps=cfg.diffusion.eps, doc_ids=doc_ids)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+@torch.no_grad()
+def evaluate(model, cfg: Config, source, *, dp_rank: int, dp_size: int, micro: int, device, autocast) -> float:
+    """Mean loss over train.eval_batches fixed validation batches with fixed noise (comparable across steps)."""
+    model.eval()
+    schedule = get_schedule(cfg.diffusion.schedule)
+    G, L = cfg.train.global_batch_size, cfg.data.seq_len
+    loader = Loader(source, seed=0, dp_rank=dp_rank, dp_size=dp_size)
+    n = source.num_samples
+    batches = cfg.train.eval_batches if n is None else max(1, min(cfg.train.eval_batches, n // G))
+    rows = loader.rank_positions(0, G)
+    total = torch.zeros((), device=device)
+    for i in range(batches):
+        noise = draw_step_noise(10_007, i, G, L, stratified=True, random_length_prob=0.0, device=device)
+        for m in range(len(rows) // micro):
+            x0, doc = loader.micro_batch(i * G, G, micro, m)
+            r = rows[m * micro:(m + 1) * micro]
+            with autocast:
+                loss, _ = objective_loss(model, cfg, x0.to(device), doc.to(device) if doc is not None else None,
+                                         noise.u[r], noise.mask_uniform[r], schedule)
+            total += loss.float() * len(r) / len(rows)
+    model.train()
+    return float(all_reduce_mean(total / batches))
+
+
+def train(cfg: Config) -> dict:
+    rank, world, device = init_distributed(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    mesh = build_mesh(dims, device)
+    dp_rank, dp_size = dp_coordinates(mesh, dims)
+    G = cfg.train.global_batch_size
+    micro = cfg.train.micro_batch_size or G // dp_size
+    if G % (micro * dp_size):
+        raise ConfigError(f"train.global_batch_size={G} must be a multiple of train.micro_batch_size={micro} x "
+                          f"data-parallel degree {dp_size}")
+    accum = G // (micro * dp_size)
+
+    data = build_data(cfg.data, cfg.train.seed)
+    resolve_model(cfg, data)
+    run_dir = Path(cfg.train.out_dir) / cfg.train.name
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    counts = count_params(model)
+    model = parallelize(model, cfg.parallel, dims, mesh)
+    model.to_empty(device=device)
+    model.init_weights(seed=cfg.train.seed)
+    optimizer = build_optimizer(model, cfg.optim)
+    schedule = get_schedule(cfg.diffusion.schedule)
+
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=cfg.parallel.async_save)
+    step, consumed = 0, 0
+    resume_from = None if cfg.train.resume == "none" else (
+        latest_checkpoint(ckpt.dir) if cfg.train.resume == "auto" else Path(cfg.train.resume))
+    if resume_from is not None:
+        state = ckpt.load(resume_from, model, optimizer)
+        step, consumed = state["step"], state["consumed"]
+    loader = Loader(data.train, cfg.train.seed, dp_rank, dp_size)
+
+    L = cfg.data.seq_len
+    flops_tok = flops_per_token(cfg.model, L, counts["non_embedding"])
+    peak, peak_src = peak_flops(device, cfg.train.peak_flops)
+    log = MetricLogger(run_dir, rank=rank, wandb_mode=cfg.logging.wandb, project=cfg.logging.project,
+                       name=cfg.train.name, config=to_dict(cfg))
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"unmask | {data.description}")
+    say(f"model {counts['total']:,} params ({counts['non_embedding']:,} non-embedding) | world {world} "
+        f"(dp {dp_size}, tp {dims.tp}) | batch {G} x {L} tokens, micro {micro}, accum {accum} | "
+        f"{'bf16 autocast' if use_bf16 else 'fp32'} on {device} | peak {peak / 1e9:.0f} GFLOP/s ({peak_src})"
+        + (f" | resumed at step {step}" if resume_from else ""))
+    if data.true_entropy is not None:
+        say(f"true entropy of the data: {data.true_entropy:.4f} nats/token — the loss bounds it from above")
+
+    bar = None
+    if rank == 0 and cfg.logging.progress_bar and step < cfg.train.steps:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
+    write = bar.write if bar is not None else say
+    val_loss = float("nan")
+    window_t, window_tokens, ran = time.perf_counter(), 0, 0
+    model.train()
+    while step < cfg.train.steps:
+        lr = lr_at(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup=cfg.optim.warmup_steps,
+                   total=cfg.train.steps, schedule=cfg.optim.schedule, decay_fraction=cfg.optim.decay_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        noise: StepNoise = draw_step_noise(cfg.train.seed, step, G, L, stratified=cfg.diffusion.t_sampling ==
+                                           "stratified", random_length_prob=cfg.data.random_length_prob,
+                                           device=device)
+        ranks_rows = loader.rank_positions(0, G)  # this rank's rows of the global batch
+        step_loss = torch.zeros((), device=device)
+        for m in range(accum):
+            x0, doc = loader.micro_batch(consumed, G, micro, m)
+            rows = ranks_rows[m * micro:(m + 1) * micro]
+            x0 = x0[:, :noise.length].to(device, non_blocking=True)
+            doc = doc[:, :noise.length].to(device, non_blocking=True) if doc is not None else None
+            with autocast:
+                loss, _ = objective_loss(model, cfg, x0, doc, noise.u[rows],
+                                         noise.mask_uniform[rows, :noise.length], schedule)
+            (loss / accum).backward()
+            step_loss += loss.detach() / accum
+        if cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        ran += 1
+        consumed += G
+        window_tokens += G * noise.length
+        if bar is not None:
+            bar.update(1)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            loss_val = float(all_reduce_mean(step_loss))
+            gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            elapsed = time.perf_counter() - window_t
+            tok_s = window_tokens / elapsed
+            mfu = tok_s * flops_tok / (peak * world)
+            write(f"step {step:>6}/{cfg.train.steps} | loss {loss_val:.4f} | lr {lr:.2e} | gnorm {gn:.3f} | "
+                  f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}%")
+            log.log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": gn, "tokens_per_s": tok_s, "mfu": mfu,
+                     "tokens": consumed * L, "time": time.time()})
+            window_t, window_tokens = time.perf_counter(), 0
+        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            vals = {name: evaluate(model, cfg, src, dp_rank=dp_rank, dp_size=dp_size, micro=micro, device=device,
+                                   autocast=autocast) for name, src in data.valid.items()}
+            val_loss = next(iter(vals.values()))
+            gap = f" | true entropy {data.true_entropy:.4f} (gap {val_loss - data.true_entropy:+.4f})" \
+                if data.true_entropy is not None else ""
+            write(f"step {step:>6} | " + " | ".join(f"{k} loss {v:.4f} (ppl <= {math.exp(min(v, 50)):.2f})"
+                                                    for k, v in vals.items()) + gap)
+            log.log({"step": step, **{f"val/{k}": v for k, v in vals.items()}})
+            window_t = time.perf_counter()
+        stop_now = cfg.train.stop_after and ran >= cfg.train.stop_after
+        if step % cfg.train.save_every == 0 or step == cfg.train.steps or stop_now:
+            ckpt.save(step, model, optimizer, {"step": step, "consumed": consumed, "seed": cfg.train.seed,
+                                               "world_size": world, "engine": "native", "config": to_dict(cfg)})
+            window_t = time.perf_counter()
+        if stop_now:
+            break
+    ckpt.wait()
+    if bar is not None:
+        bar.close()
+
+    samples = []
+    if step >= cfg.train.steps and cfg.train.samples and cfg.diffusion.objective == "mdm":
+        samples = sample_and_show(model, cfg, data, device, autocast, say)
+    log.close()
+    return {"step": step, "val_loss": val_loss, "true_entropy": data.true_entropy, "run_dir": str(run_dir),
+            "samples": samples}
+
+
+def sample_and_show(model, cfg: Config, data, device, autocast, say) -> list[list[int]]:
+    from eval.sample import generate
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    length = min(cfg.data.seq_len, 64)
+    steps = min(cfg.train.sample_steps, length)
+    with autocast:
+        out = generate(model, None, mask_id=cfg.model.mask_id, gen_length=length, steps=steps,
+                       batch_size=cfg.train.samples, generator=gen, temperature=cfg.train.sample_temperature)
+    rows = out.tolist()
+    say(f"samples ({length} tokens, {steps} steps, temperature {cfg.train.sample_temperature}, "
+        "low-confidence remasking):")
+    lang = data.info.get("language")
+    for row in rows:
+        extra = f"  [valid transitions {100 * lang.valid_transition_rate(row):.0f}%]" if lang is not None else ""
+        say(f"  {data.decode(row)}{extra}")
+    return rows
