@@ -103,14 +103,16 @@ def build_synthetic(cfg, seed: int) -> DataBundle:
     """cfg: DataConfig. The validation stream ignores the training seed so runs compare on one set."""
     s = cfg.synthetic
     lang = MarkovLanguage(s.num_symbols, s.branching, s.concentration, s.seed)
+    from .tokenizer import SymbolTokenizer
+    tok = SymbolTokenizer(lang)
     H = lang.entropy_per_token(cfg.seq_len)
     return DataBundle(
         train=SyntheticSource(lang, cfg.seq_len, "train", seed),
         valid={"valid": SyntheticSource(lang, cfg.seq_len, "valid", 0)},
         vocab_size=s.num_symbols + 1, mask_id=s.num_symbols, eos_id=None,
-        decode=lambda ids: " ".join(lang.word(int(i)) for i in ids),
+        decode=tok.decode, encode=tok.encode,
         description=(f"synthetic Markov language: {s.num_symbols} symbols, {s.branching} successors each; "
                      f"true entropy {H:.4f} nats/token at length {cfg.seq_len} "
                      f"(rate {lang.entropy_rate:.4f}, ppl {math.exp(H):.3f})"),
-        true_entropy=H, info={"language": lang},
+        true_entropy=H, info={"language": lang, "tokenizer": tok},
     )

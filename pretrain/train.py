@@ -105,6 +105,9 @@ def train(cfg: Config) -> dict:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        tokenizer = data.info.get("tokenizer")
+        if hasattr(tokenizer, "save"):  # evaluation tokenizes with the run's own tokenizer
+            tokenizer.save(run_dir)
 
     use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
