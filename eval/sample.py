@@ -1,14 +1,44 @@
-"""Diffusion sampling (LLaDA): start fully masked, predict every masked position, keep the most confident
-predictions and leave the rest masked for the next step; optionally block by block (semi-autoregressive)."""
+"""Sampling from masked diffusion LMs (and AR checkpoints), batched.
+
+Samplers (science.md, section 6):
+  - LLaDA ("llada"): start from masks; at every step predict all masked positions of the current block, pick a
+    token per position (argmax, or Gumbel-max with temperature in float64) and keep the k most confident
+    (remasking="low_confidence") or k random ones (remasking="random"); the rest stay masked. k is
+    ceil(remaining / steps_left), which reproduces LLaDA's even split (remainder first) and adapts when EOS
+    filling removes masks early. Semi-autoregressive when block_length < gen_length: blocks left to right,
+    steps split evenly over blocks.
+  - MDLM ancestral ("mdlm"): from t to s < t every still-masked position is unmasked with probability
+    (t - s) / t to a token drawn from p_theta; a row whose canvas did not change reuses its previous
+    prediction (prediction caching), so the number of forward passes is at most the number of steps and often
+    much lower when steps exceed the number of tokens.
+  - AR checkpoints (model.cfg.causal): plain left to right, one token per forward.
+
+Batched prompts of different lengths are left-padded so every row's generation region starts at the same
+column; padded keys are hidden with `key_padding` (diffusion) or with a separate document id (AR, see
+`_ar_generate`). RoPE only sees relative positions, so left padding does not change what a row computes.
+
+Classifier-free guidance (LLaDA): logits = uncond + (w + 1) * (cond - uncond), where the unconditional pass
+has every prompt token replaced by the mask. EOS controls: `min_new_tokens` forbids EOS before that many
+generated tokens; `stop_at_eos` fills every still-masked position after a row's first EOS with EOS (text after
+it is discarded anyway), which removes those positions from the schedule and lets finished rows drop out of
+the batch. `callback(step, x)` sees the canvas after every step (used for the step-by-step visualisation).
+"""
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
+
+PromptLike = Union[None, torch.Tensor, Sequence[Sequence[int]]]
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """argmax of logits/temperature + Gumbel noise, in float64 (low precision makes the noise lumpy)."""
+    """argmax of logits/temperature + Gumbel noise, in float64: a sample from softmax(logits / temperature).
+
+    float64 matters: in low precision the noise is lumpy and ties between close logits are broken badly
+    (LLaDA notes that fp16/bf16 Gumbel sampling lowers quality)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.double()
@@ -18,7 +48,8 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: Optional[
 
 
 def transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
-    """How many tokens to unmask at each of `steps` steps: an even split, remainder first. (B,) -> (B, steps)."""
+    """LLaDA's plan of how many tokens to unmask at each of `steps` steps: an even split, remainder first.
+    (B,) -> (B, steps). The sampler computes the same numbers on the fly as ceil(remaining / steps_left)."""
     base = n_masked // steps
     rem = n_masked % steps
     out = base[:, None].repeat(1, steps)
@@ -26,42 +57,291 @@ def transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def generate(model, prompt: Optional[torch.Tensor], *, mask_id: int, gen_length: int, steps: int,
-             block_length: Optional[int] = None, temperature: float = 0.0, remasking: str = "low_confidence",
-             generator: Optional[torch.Generator] = None, batch_size: int = 1) -> torch.Tensor:
-    """prompt: (B, P) token ids or None. Returns (B, P + gen_length) with no mask token left."""
+def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, W): True at the k[b] largest entries of row b. One batched topk with the largest k, then
+    each row keeps its first k[b] picks (no Python loop over rows)."""
+    kmax = int(k.max()) if k.numel() else 0
+    out = torch.zeros_like(scores, dtype=torch.bool)
+    if kmax == 0:
+        return out
+    idx = scores.topk(kmax, dim=-1).indices
+    keep = torch.arange(kmax, device=scores.device)[None, :] < k[:, None]
+    return out.scatter_(1, idx, keep)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) left-padded ids and the (B, P) bool mask of real tokens."""
+    P = max((len(p) for p in prompts), default=0)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    real = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            real[i, P - len(p):] = True
+    return ids.to(device), real.to(device)
+
+
+def _is_causal(model) -> bool:
+    cfg = getattr(model, "cfg", None)
+    return bool(getattr(cfg, "causal", False))
+
+
+def _forward_logits(model, x: torch.Tensor, real: Optional[torch.Tensor], start: int, end: int, *,
+                    mask_id: int, prompt_len: int, cfg_scale: float) -> torch.Tensor:
+    """float32 logits (B, end - start, V) for columns [start, end) of canvas x, with optional CFG.
+
+    Only those columns go through the output head (`logits_at`): for large vocabularies the head is the
+    biggest matmul, and no other column's prediction is ever used."""
+    B = x.shape[0]
+    W = end - start
+    at = torch.zeros_like(x, dtype=torch.bool)
+    at[:, start:end] = True
+    kp = real if real is not None and not bool(real.all()) else None  # unmasked attention is faster
+    if cfg_scale:
+        uncond = x.clone()
+        prompt_cols = torch.zeros_like(x, dtype=torch.bool)
+        prompt_cols[:, :prompt_len] = True
+        if real is not None:
+            prompt_cols &= real  # padding stays padding (hidden); only real prompt tokens are masked
+        uncond[prompt_cols] = mask_id
+        both = torch.cat([x, uncond])
+        out = model(both, key_padding=None if kp is None else torch.cat([kp, kp]),
+                    logits_at=torch.cat([at, at])).float().view(2, B, W, -1)
+        cond, unc = out[0], out[1]
+        logits = unc + (cfg_scale + 1.0) * (cond - unc)
+    else:
+        logits = model(x, key_padding=kp, logits_at=at).float().view(B, W, -1)
+    logits[..., mask_id] = float("-inf")  # SUBS: the model never predicts the mask itself
+    return logits
+
+
+def _ban_eos(logits: torch.Tensor, eos_id: Optional[int], first_col: int, min_new_tokens: int) -> None:
+    """Forbid EOS at generated positions < min_new_tokens; logits cover generated columns first_col.. ."""
+    if eos_id is None or min_new_tokens <= 0:
+        return
+    n = min(max(min_new_tokens - first_col, 0), logits.shape[1])
+    if n:
+        logits[:, :n, eos_id] = float("-inf")
+
+
+def _fill_after_eos(gen: torch.Tensor, mask_id: int, eos_id: int) -> torch.Tensor:
+    """Replace every mask after a row's first decoded EOS by EOS. gen: (B, G) generated region. Returns it."""
+    is_eos = gen == eos_id
+    has = is_eos.any(1)
+    if not bool(has.any()):
+        return gen
+    first = torch.where(has, is_eos.int().argmax(1), torch.full_like(has, gen.shape[1], dtype=torch.long))
+    after = torch.arange(gen.shape[1], device=gen.device)[None, :] > first[:, None]
+    return torch.where(after & (gen == mask_id), torch.full_like(gen, eos_id), gen)
+
+
+def _prepare(model, prompt: PromptLike, prompt_mask: Optional[torch.Tensor], batch_size: int, pad_id: int):
     device = next(model.parameters()).device
     if prompt is None:
-        prompt = torch.empty(batch_size, 0, dtype=torch.long, device=device)
-    B, P = prompt.shape
+        ids = torch.empty(batch_size, 0, dtype=torch.long, device=device)
+        return ids, None
+    if isinstance(prompt, torch.Tensor):
+        ids = prompt.to(device=device, dtype=torch.long)
+        if ids.ndim == 1:
+            ids = ids[None]
+        real = None if prompt_mask is None else prompt_mask.to(device=device, dtype=torch.bool)
+        if real is not None:
+            cols = torch.arange(ids.shape[1], device=device)[None]
+            if not bool((real == (cols >= ids.shape[1] - real.sum(1, keepdim=True))).all()):
+                raise ValueError("prompt_mask must mark a left-padded batch: the real tokens of each row must "
+                                 "be its last ones (use eval.sample.left_pad)")
+            ids = torch.where(real, ids, torch.full_like(ids, pad_id))
+        return ids, real
+    ids, real = left_pad(prompt, pad_id, device)
+    return ids, real
+
+
+@torch.no_grad()
+def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int, steps: int,
+             block_length: Optional[int] = None, temperature: float = 0.0, remasking: str = "low_confidence",
+             sampler: str = "llada", generator: Optional[torch.Generator] = None, batch_size: int = 1,
+             prompt_mask: Optional[torch.Tensor] = None, pad_id: Optional[int] = None, cfg_scale: float = 0.0,
+             eos_id: Optional[int] = None, min_new_tokens: int = 0, stop_at_eos: bool = False,
+             callback: Optional[Callable[[int, torch.Tensor], None]] = None,
+             stop_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, cache: bool = True,
+             stats: Optional[dict] = None) -> torch.Tensor:
+    """Generate `gen_length` tokens after each prompt.
+
+    prompt: None (unconditional, `batch_size` rows), a (B, P) tensor (left-padded, with `prompt_mask` True at
+    real tokens, or unpadded), or a list of token-id lists of any lengths (left-padded here with pad_id,
+    default eos_id or 0). Returns (B, P + gen_length): the (padded) prompt followed by the generated tokens;
+    no mask token is left. sampler: "llada" (remasking "low_confidence" or "random") or "mdlm" (ancestral
+    with caching); AR checkpoints (model.cfg.causal) always decode left to right. stop_fn(generated (B, n))
+    -> bool (B,) is called after every finished block (after every token for AR): rows it flags are finished,
+    their remaining positions are filled with pad_id and take no further compute (lm-eval's `until` strings).
+    cache=False turns off mdlm's prediction caching (a reference: the draws, hence the output, are the same).
+    `stats`, when given, receives "forward_rows" (sequences pushed through the model) and "forwards" (calls)."""
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"unknown remasking {remasking!r}; choices: low_confidence, random")
+    if sampler not in ("llada", "mdlm"):
+        raise ValueError(f"unknown sampler {sampler!r}; choices: llada, mdlm")
+    if gen_length <= 0 or steps <= 0:
+        raise ValueError(f"gen_length={gen_length} and steps={steps} must be positive")
+    if pad_id is None:
+        pad_id = eos_id if eos_id is not None else 0
+    if pad_id == mask_id:
+        raise ValueError("pad_id must differ from mask_id: padding would be taken for positions to generate")
+    if stop_at_eos and eos_id is None:
+        raise ValueError("stop_at_eos needs eos_id")
+    ids, real = _prepare(model, prompt, prompt_mask, batch_size, pad_id)
+    stats = stats if stats is not None else {}
+    stats.setdefault("forwards", 0)
+    stats.setdefault("forward_rows", 0)
+    if _is_causal(model):
+        if cfg_scale:
+            raise ValueError("classifier-free guidance is defined for diffusion models only")
+        return _ar_generate(model, ids, real, gen_length=gen_length, temperature=temperature, generator=generator,
+                            eos_id=eos_id, min_new_tokens=min_new_tokens, stop_at_eos=stop_at_eos,
+                            callback=callback, stats=stats, mask_id=mask_id, stop_fn=stop_fn, pad_id=pad_id)
     block_length = block_length or gen_length
     if gen_length % block_length:
         raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}")
     n_blocks = gen_length // block_length
     if steps % n_blocks:
-        raise ValueError(f"steps={steps} must be a multiple of the number of blocks {n_blocks}")
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"unknown remasking {remasking!r}; choices: low_confidence, random")
+        raise ValueError(f"steps={steps} must be a multiple of the number of blocks {n_blocks} "
+                         f"(gen_length / block_length)")
     steps_per_block = steps // n_blocks
-    x = torch.cat([prompt.to(device), torch.full((B, gen_length), mask_id, dtype=torch.long, device=device)], 1)
+    B, P = ids.shape
+    device = ids.device
+    x = torch.cat([ids, torch.full((B, gen_length), mask_id, dtype=torch.long, device=device)], 1)
+    if real is not None:
+        real = torch.cat([real, torch.ones(B, gen_length, dtype=torch.bool, device=device)], 1)
+    common = dict(mask_id=mask_id, prompt_len=P, cfg_scale=cfg_scale)
+    step_no = 0
     for blk in range(n_blocks):
         start, end = P + blk * block_length, P + (blk + 1) * block_length
-        plan = transfer_schedule((x[:, start:end] == mask_id).sum(1), steps_per_block)
+        logits_cache = None  # rows' logits for this block; mdlm reuses a row's while its canvas is unchanged
+        stale = torch.ones(B, dtype=torch.bool, device=device)
         for s in range(steps_per_block):
-            is_mask = x == mask_id
-            logits = model(x).float()
-            logits[..., mask_id] = float("-inf")  # never predict the mask itself
-            pred = gumbel_argmax(logits, temperature, generator)
-            if remasking == "low_confidence":
-                conf = torch.softmax(logits, -1).gather(-1, pred[..., None]).squeeze(-1)
+            block = x[:, start:end]
+            is_mask = block == mask_id
+            remaining = is_mask.sum(1)
+            if not bool(remaining.any()):
+                break  # every row finished this block early (EOS filling)
+            if sampler == "mdlm" and cache:
+                need = stale & (remaining > 0)
             else:
-                conf = torch.rand(x.shape, generator=generator, device=device)
-            conf[:, end:] = float("-inf")  # later blocks wait their turn
-            conf = torch.where(is_mask, conf, torch.full_like(conf, float("-inf")))
-            for b in range(B):
-                k = int(plan[b, s])
-                if k:
-                    idx = conf[b].topk(k).indices
-                    x[b, idx] = pred[b, idx]
+                need = remaining > 0
+            n_need = int(need.sum())
+            if n_need == B:
+                logits_cache = _forward_logits(model, x, real, start, end, **common)
+            elif n_need:
+                # Only rows that still have work (or, for mdlm, whose canvas changed) go through the model.
+                rows = need.nonzero().squeeze(1)
+                sub = _forward_logits(model, x[rows], None if real is None else real[rows], start, end, **common)
+                if logits_cache is None:
+                    logits_cache = sub.new_zeros(B, end - start, sub.shape[-1])
+                logits_cache[rows] = sub
+            if n_need:
+                stats["forwards"] += 1
+                stats["forward_rows"] += n_need * (2 if cfg_scale else 1)
+            logits = logits_cache
+            x_prev = x.clone() if sampler == "mdlm" else None
+            _ban_eos(logits, eos_id, start - P, min_new_tokens)
+            # Sample and score only the masked positions: the float64 Gumbel noise over (positions, vocab)
+            # is the largest tensor of a step for big vocabularies.
+            lg = logits[is_mask]  # (N, V)
+            picked = gumbel_argmax(lg, temperature, generator)
+            pred = block.clone()
+            pred[is_mask] = picked
+            if sampler == "mdlm":
+                t = 1.0 - s / steps_per_block
+                t_next = 1.0 - (s + 1) / steps_per_block
+                p_unmask = (t - t_next) / t  # 1 at the last step: nothing stays masked
+                coin = torch.rand(is_mask.shape, generator=generator, device=device, dtype=torch.float64)
+                take = is_mask & (coin < p_unmask)
+            else:
+                steps_left = steps_per_block - s
+                k = (remaining + steps_left - 1) // steps_left  # ceil: LLaDA's even split, remainder first
+                conf = torch.full(is_mask.shape, float("-inf"), device=device)
+                if remasking == "low_confidence":
+                    conf[is_mask] = torch.softmax(lg, -1).gather(-1, picked[:, None]).squeeze(-1)
+                else:
+                    conf[is_mask] = torch.rand(int(remaining.sum()), generator=generator, device=device)
+                take = topk_mask(conf, k) & is_mask
+            x[:, start:end] = torch.where(take, pred, block)
+            if stop_at_eos:
+                x[:, P:] = _fill_after_eos(x[:, P:], mask_id, eos_id)
+            if x_prev is not None:
+                stale = (x != x_prev).any(1)  # the cache stays valid exactly while a row's canvas is unchanged
+            step_no += 1
+            if callback is not None:
+                callback(step_no, x)
+        # A block must be complete before the next starts (steps_per_block steps always suffice; EOS filling
+        # can only remove masks).
+        assert not bool((x[:, start:end] == mask_id).any()), "sampler left masks in a finished block"
+        if stop_fn is not None and end < P + gen_length:
+            done = stop_fn(x[:, P:end]).to(device)
+            tail = x[:, end:]
+            x[:, end:] = torch.where(done[:, None] & (tail == mask_id), torch.full_like(tail, pad_id), tail)
     return x
+
+
+def _ar_generate(model, ids, real, *, gen_length, temperature, generator, eos_id, min_new_tokens, stop_at_eos,
+                 callback, stats, mask_id, stop_fn, pad_id) -> torch.Tensor:
+    """Left-to-right sampling for causal checkpoints (no KV cache: the model has none; one forward per token).
+
+    Padding is hidden with doc_ids (padding = document 0, text = document 1) rather than key_padding: under
+    the causal mask a left-pad query would otherwise see no key at all, and some attention kernels return NaN
+    for such rows, which then leaks into real rows through the values."""
+    B, P = ids.shape
+    if P == 0:
+        raise ValueError("an autoregressive model needs at least one prompt token to condition on (e.g. BOS)")
+    x = ids
+    doc = None if real is None or bool(real.all()) else real.long()
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    for i in range(gen_length):
+        at = torch.zeros_like(x, dtype=torch.bool)
+        at[:, -1] = True
+        logits = model(x, doc_ids=doc, logits_at=at).float()
+        stats["forwards"] += 1
+        stats["forward_rows"] += B
+        if mask_id < logits.shape[-1]:
+            logits[:, mask_id] = float("-inf")
+        if eos_id is not None and i < min_new_tokens:
+            logits[:, eos_id] = float("-inf")
+        nxt = gumbel_argmax(logits, temperature, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)  # finished rows only pad
+        if stop_at_eos:
+            done |= nxt == eos_id
+        x = torch.cat([x, nxt[:, None]], 1)
+        if doc is not None:
+            doc = torch.cat([doc, torch.ones_like(doc[:, :1])], 1)
+        if callback is not None:
+            callback(i + 1, x)
+        if stop_fn is not None:
+            done |= stop_fn(x[:, P:]).to(done.device)
+        if bool(done.all()):
+            x = torch.cat([x, torch.full((B, gen_length - i - 1), pad_id, dtype=torch.long, device=x.device)], 1)
+            break
+    return x
+
+
+def render(tokenizer, ids: Sequence[int], mask_id: int, mask_glyph: str = "░") -> str:
+    """Text of a partially unmasked sequence: runs of real tokens decoded together, one glyph per mask."""
+    out, run = [], []
+    for t in ids:
+        t = int(t)
+        if t == mask_id:
+            if run:
+                out.append(tokenizer.decode(run))
+                run = []
+            out.append(mask_glyph)
+        else:
+            run.append(t)
+    if run:
+        out.append(tokenizer.decode(run))
+    return "".join(out)
+
+
+def strip_after_eos(ids: Sequence[int], eos_id: Optional[int]) -> list[int]:
+    """Generated ids up to (not including) the first EOS."""
+    ids = [int(t) for t in ids]
+    if eos_id is not None and eos_id in ids:
+        ids = ids[:ids.index(eos_id)]
+    return ids

@@ -14,11 +14,14 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    from data.shards import DataError
     from .train import train
     try:
         train(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except DataError as e:  # missing/inconsistent data, empty corpus, offline hub, ...: the message says what to do
+        sys.exit(f"data error: {e}")
 
 
 if __name__ == "__main__":

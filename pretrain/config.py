@@ -35,18 +35,31 @@ class SyntheticConfig:
 class SourceConfig:
     """One prepared dataset (a folder written by `python -m data.prepare`) in a blend."""
     path: str = ""
-    weight: float = 1.0
+    weight: float = 1.0  # share of training samples drawn from it (normalized over the sources)
+    reader: Literal["native", "megatron-core"] = "native"  # megatron-core: read shards through its IndexedDataset
 
 
 @dataclass
 class PrepareConfig:
-    """How to prepare the data on first use when `data.sources` folders do not exist yet."""
-    inputs: list[str] = field(default_factory=list)  # local files/globs, or hub dataset ids ("hf:wikitext/...")
-    text_field: str = "text"
+    """How to prepare data.sources[0] on first use, when its folder does not exist yet (python -m data.prepare
+    takes the same settings as flags)."""
+    inputs: list[str] = field(default_factory=list)  # local files, globs or folders (txt, jsonl, json, parquet, .gz)
+    hf_dataset: str = ""  # or a Hugging Face dataset id (e.g. wikitext)
+    hf_config: str = ""  # e.g. wikitext-103-raw-v1
     split: str = "train"
+    streaming: bool = True
+    text_field: str = "text"
+    doc_split: Literal["paragraph", "line", "file", "wikitext"] = "paragraph"  # what a document is in text files
+    on_decode_error: Literal["strict", "replace"] = "strict"
+    max_docs: int = 0  # 0: all
     tokenizer: str = "bpe"  # "bpe" (train a byte-level BPE), a tokenizer.json path, a folder, or a hub name
-    vocab_size: int = 8192  # for a trained BPE
-    workers: int = 2
+    vocab_size: int = 8192  # for a trained BPE, special tokens included
+    bpe_sample_bytes: int = 1 << 30  # train the BPE on at most this much text
+    mask_token: str = "<|mask|>"
+    eos_token: str = ""  # "": the tokenizer's own EOS, else <|endoftext|> is added
+    shard_tokens: int = 100_000_000
+    workers: int = 2  # tokenizing processes (0: one per core)
+    writer: Literal["native", "megatron-core"] = "native"
 
 
 @dataclass
@@ -57,7 +70,8 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     prepare: Optional[PrepareConfig] = None
     valid_fraction: float = 0.01  # held out by document
-    extra_valid: list[str] = field(default_factory=list)  # text files evaluated as extra validation sets
+    extra_valid: list[str] = field(default_factory=list)  # text files (or prepared folders) evaluated as extra validation sets
+    extra_valid_doc_split: Literal["paragraph", "line", "file", "wikitext"] = "paragraph"
     random_length_prob: float = 0.01  # LLaDA: this fraction of batches is cut to a random length in [1, L]
 
 
@@ -155,6 +169,15 @@ class Config:
             (self.optim.min_lr > self.optim.lr, f"optim.min_lr={self.optim.min_lr} exceeds optim.lr={self.optim.lr}"),
             (self.data.kind == "prepared" and not self.data.sources,
              "data.kind=prepared needs data.sources (a list of {path, weight}) — prepare one with python -m data.prepare"),
+            (self.data.kind == "prepared" and self.data.prepare is not None and len(self.data.sources) != 1,
+             "data.prepare prepares one folder: give exactly one entry in data.sources (its path is the output)"),
+            (self.data.prepare is not None and bool(self.data.prepare.inputs) == bool(self.data.prepare.hf_dataset),
+             "data.prepare needs either inputs (local files) or hf_dataset (a hub id), not both and not neither"),
+            (any(not s.path for s in self.data.sources), "every data.sources entry needs a path"),
+            (any(not s.weight > 0 for s in self.data.sources), "data.sources weights must be positive"),
+            (not 0 <= self.data.valid_fraction < 0.5, "data.valid_fraction must lie in [0, 0.5)"),
+            (self.data.kind == "synthetic" and bool(self.data.extra_valid),
+             "data.extra_valid needs data.kind=prepared (text is tokenized with the prepared data's tokenizer)"),
             (self.parallel.zero_stage not in (0, 1, 2, 3), "parallel.zero_stage must be 0, 1, 2 or 3"),
             (self.train.eval_every <= 0 or self.train.log_every <= 0 or self.train.save_every <= 0,
              "train.eval_every, train.log_every and train.save_every must be positive"),

@@ -13,13 +13,16 @@ import torch.distributed as dist
 from data import Loader, build_data
 from model import Transformer, count_params, flops_per_token
 
-from .checkpoint import Checkpointer, latest_checkpoint
+from .checkpoint import latest_checkpoint
 from .config import Config, ConfigError, save_config, to_dict
 from .diffusion import StepNoise, ar_loss, draw_step_noise, get_schedule, mdm_loss
+from .engine import build_engine
 from .flops import peak_flops
 from .lr import lr_at
 from .metrics import MetricLogger
-from .parallel import ParallelDims, build_mesh, dp_coordinates, init_distributed, parallelize
+from .parallel import (ParallelDims, build_mesh, cpu_group, dp_coordinates, init_distributed, init_weights,
+                       local_loss, loss_scope, parallelize, sequence_length)
+from .preemption import Preemption
 
 
 def resolve_model(cfg: Config, data) -> None:
@@ -47,10 +50,13 @@ def build_optimizer(model, ocfg, fused: Optional[bool] = None) -> torch.optim.Op
 
 
 def objective_loss(model, cfg: Config, x0, doc_ids, u, mask_uniform, schedule):
+    """Under tensor parallelism call inside parallel.loss_scope (forward and backward)."""
     if cfg.diffusion.objective == "ar":
-        return ar_loss(model, x0, doc_ids)
-    return mdm_loss(model, x0, u, mask_uniform, mask_id=cfg.model.mask_id, schedule=schedule,
-                    eps=cfg.diffusion.eps, doc_ids=doc_ids)
+        loss, stats = ar_loss(model, x0, doc_ids)
+    else:
+        loss, stats = mdm_loss(model, x0, u, mask_uniform, mask_id=cfg.model.mask_id, schedule=schedule,
+                               eps=cfg.diffusion.eps, doc_ids=doc_ids)
+    return local_loss(loss), stats
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +83,7 @@ def evaluate(model, cfg: Config, source, *, dp_rank: int, dp_size: int, micro: i
         for m in range(len(rows) // micro):
             x0, doc = loader.micro_batch(i * G, G, micro, m)
             r = rows[m * micro:(m + 1) * micro]
-            with autocast:
+            with loss_scope(cfg.parallel.tp > 1), autocast:
                 loss, _ = objective_loss(model, cfg, x0.to(device), doc.to(device) if doc is not None else None,
                                          noise.u[r], noise.mask_uniform[r], schedule)
             total += loss.float() * len(r) / len(rows)
@@ -101,31 +107,38 @@ def train(cfg: Config) -> dict:
 
     data = build_data(cfg.data, cfg.train.seed)
     resolve_model(cfg, data)
+    try:
+        dims.validate_model(cfg.model, cfg.data.seq_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        tokenizer = data.info.get("tokenizer")
-        if hasattr(tokenizer, "save"):  # evaluation tokenizes with the run's own tokenizer
-            tokenizer.save(run_dir)
+        # Evaluation tokenizes with the run's own tokenizer; a run directory holding another one is refused.
+        from data.tokenizer import save_run_tokenizer
+        save_run_tokenizer(data.info.get("tokenizer"), run_dir)
 
     use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
     with torch.device("meta"):
         model = Transformer(cfg.model)
     counts = count_params(model)
-    model = parallelize(model, cfg.parallel, dims, mesh)
+    model = parallelize(model, cfg.parallel, dims, mesh, param_dtype=torch.bfloat16 if use_bf16 else None)
     model.to_empty(device=device)
-    model.init_weights(seed=cfg.train.seed)
+    init_weights(model, seed=cfg.train.seed)  # the same weights under every layout
     optimizer = build_optimizer(model, cfg.optim)
     schedule = get_schedule(cfg.diffusion.schedule)
+    # native: FSDP2/TP + DCP checkpoints; deepspeed: ZeRO + its checkpoints. Same model, loss and loader.
+    engine = build_engine(cfg, model, optimizer, ckpt_dir=run_dir / "checkpoints", accum=accum, micro=micro,
+                          dp_size=dp_size, use_bf16=use_bf16, process_group=cpu_group("checkpoint"))
+    model = engine.model
 
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=cfg.parallel.async_save)
     step, consumed = 0, 0
     resume_from = None if cfg.train.resume == "none" else (
-        latest_checkpoint(ckpt.dir) if cfg.train.resume == "auto" else Path(cfg.train.resume))
+        latest_checkpoint(run_dir / "checkpoints") if cfg.train.resume == "auto" else Path(cfg.train.resume))
     if resume_from is not None:
-        state = ckpt.load(resume_from, model, optimizer)
+        state = engine.load(resume_from)
         step, consumed = state["step"], state["consumed"]
     loader = Loader(data.train, cfg.train.seed, dp_rank, dp_size)
 
@@ -150,37 +163,35 @@ def train(cfg: Config) -> dict:
     write = bar.write if bar is not None else say
     val_loss = float("nan")
     window_t, window_tokens, ran = time.perf_counter(), 0, 0
+    preemption = Preemption(run_dir, rank, group=cpu_group("signals")).install()  # SIGUSR1/SIGTERM: save and exit
+    preempted = False
     model.train()
     while step < cfg.train.steps:
         lr = lr_at(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup=cfg.optim.warmup_steps,
                    total=cfg.train.steps, schedule=cfg.optim.schedule, decay_fraction=cfg.optim.decay_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        engine.set_lr(lr)
         noise: StepNoise = draw_step_noise(cfg.train.seed, step, G, L, stratified=cfg.diffusion.t_sampling ==
                                            "stratified", random_length_prob=cfg.data.random_length_prob,
                                            device=device)
+        length = sequence_length(noise.length, dims)  # sequence parallelism needs a multiple of tp
         ranks_rows = loader.rank_positions(0, G)  # this rank's rows of the global batch
         step_loss = torch.zeros((), device=device)
         for m in range(accum):
             x0, doc = loader.micro_batch(consumed, G, micro, m)
             rows = ranks_rows[m * micro:(m + 1) * micro]
-            x0 = x0[:, :noise.length].to(device, non_blocking=True)
-            doc = doc[:, :noise.length].to(device, non_blocking=True) if doc is not None else None
-            with autocast:
-                loss, _ = objective_loss(model, cfg, x0, doc, noise.u[rows],
-                                         noise.mask_uniform[rows, :noise.length], schedule)
-            (loss / accum).backward()
+            x0 = x0[:, :length].to(device, non_blocking=True)
+            doc = doc[:, :length].to(device, non_blocking=True) if doc is not None else None
+            with loss_scope(dims.tp > 1):  # vocab-parallel cross-entropy under TP, forward and backward
+                with autocast:
+                    loss, _ = objective_loss(model, cfg, x0, doc, noise.u[rows], noise.mask_uniform[rows, :length],
+                                             schedule)
+                engine.backward(loss)
             step_loss += loss.detach() / accum
-        if cfg.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = engine.step()
         step += 1
         ran += 1
         consumed += G
-        window_tokens += G * noise.length
+        window_tokens += G * length
         if bar is not None:
             bar.update(1)
 
@@ -205,14 +216,21 @@ def train(cfg: Config) -> dict:
                                                     for k, v in vals.items()) + gap)
             log.log({"step": step, **{f"val/{k}": v for k, v in vals.items()}})
             window_t = time.perf_counter()
-        stop_now = cfg.train.stop_after and ran >= cfg.train.stop_after
+        preempted = preemption.requested()
+        stop_now = (cfg.train.stop_after and ran >= cfg.train.stop_after) or preempted
         if step % cfg.train.save_every == 0 or step == cfg.train.steps or stop_now:
-            ckpt.save(step, model, optimizer, {"step": step, "consumed": consumed, "seed": cfg.train.seed,
-                                               "world_size": world, "engine": "native", "config": to_dict(cfg)})
+            engine.save(step, {"step": step, "consumed": consumed, "seed": cfg.train.seed, "world_size": world,
+                               "layout": {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard,
+                                          "tp": dims.tp}, "config": to_dict(cfg)})
             window_t = time.perf_counter()
+        if preempted:
+            engine.wait()
+            preemption.mark()
+            write(f"step {step:>6} | signal received: checkpoint saved, exiting for requeue")
         if stop_now:
             break
-    ckpt.wait()
+    engine.wait()
+    preemption.restore()
     if bar is not None:
         bar.close()
 
@@ -221,7 +239,7 @@ def train(cfg: Config) -> dict:
         samples = sample_and_show(model, cfg, data, device, autocast, say)
     log.close()
     return {"step": step, "val_loss": val_loss, "true_entropy": data.true_entropy, "run_dir": str(run_dir),
-            "samples": samples}
+            "samples": samples, "preempted": preempted}
 
 
 def sample_and_show(model, cfg: Config, data, device, autocast, say) -> list[list[int]]:

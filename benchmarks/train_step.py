@@ -1,0 +1,108 @@
+"""Time the training step (forward, backward, AdamW) in fp32 on CPU at the 25M benchmark shape.
+
+Prints tokens/s, model FLOP/s and MFU against the fp32 matmul peak measured in the same run:
+    FLOPs/token = 6 * N_nonembed + 6 * d_model * vocab + 12 * n_layers * d_model * seq
+(the output head counted for every token even when it runs only at masked positions — see --full-head).
+
+    python benchmarks/train_step.py [--steps 8] [--batch 8] [--seq 256] [--full-head] [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import Transformer, count_params, flops_per_token, get_preset  # noqa: E402
+from pretrain.diffusion import LinearSchedule, mdm_loss, sample_u  # noqa: E402
+from pretrain.flops import measure_matmul_peak  # noqa: E402
+from pretrain.train import build_optimizer  # noqa: E402
+from pretrain.config import OptimConfig  # noqa: E402
+
+
+class FullHead(torch.nn.Module):
+    """Wraps the model so the output head runs at every position (then selects), for comparison."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, doc_ids=None, key_padding=None, logits_at=None):
+        logits = self.model(tokens, doc_ids, key_padding)
+        return logits[logits_at] if logits_at is not None else logits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--full-head", action="store_true", help="run the output head at every position")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = get_preset("bench-25m")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    counts = count_params(model)
+    opt = build_optimizer(model, OptimConfig(lr=1e-4))
+    net = FullHead(model) if args.full_head else model
+    if args.compile:
+        net = torch.compile(net)
+    schedule = LinearSchedule()
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, cfg.vocab_size - 1, (args.batch, args.seq), generator=gen)
+
+    def step():
+        u = sample_u(args.batch, gen, stratified=True)
+        loss, _ = mdm_loss(net, x0, u, torch.rand(args.batch, args.seq, generator=gen), mask_id=cfg.mask_id,
+                           schedule=schedule, eps=1e-3)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    peaks = [measure_matmul_peak()]
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peaks.append(measure_matmul_peak())
+    peak = max(peaks)
+    tokens = args.batch * args.seq
+    fpt = flops_per_token(cfg, args.seq, counts["non_embedding"])
+    best, med = min(times), statistics.median(times)
+    rows = [("params (total / non-embedding)", f"{counts['total'] / 1e6:.1f}M / {counts['non_embedding'] / 1e6:.1f}M"),
+            ("shape", f"d {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.ffn_dim}, vocab "
+                      f"{cfg.vocab_size}, seq {args.seq}, batch {args.batch}"),
+            ("threads", str(torch.get_num_threads())),
+            ("output head", "all positions" if args.full_head else "masked positions only"),
+            ("compile", str(args.compile)),
+            ("FLOPs / token", f"{fpt / 1e6:.1f}M"),
+            ("fp32 matmul peak (2048^3, best)", f"{peak / 1e9:.1f} GFLOP/s"),
+            ("step time (median / best)", f"{med * 1e3:.0f} / {best * 1e3:.0f} ms"),
+            ("tokens/s (median)", f"{tokens / med:,.0f}"),
+            ("model FLOP/s (median)", f"{tokens * fpt / med / 1e9:.1f} GFLOP/s"),
+            ("MFU (median / best step)", f"{100 * tokens * fpt / med / peak:.1f}% / "
+                                         f"{100 * tokens * fpt / best / peak:.1f}%")]
+    width = max(len(k) for k, _ in rows)
+    print(f"| {'quantity'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
+    for k, v in rows:
+        print(f"| {k.ljust(width)} | {v} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Generate text from a checkpoint.
+
+    python -m eval.generate --ckpt runs/shakespeare --prompt "ROMEO:" --gen-length 128 --steps 64 \
+        --block-length 32 [--temperature 0.7] [--remasking low_confidence|random] [--sampler llada|mdlm] \
+        [--cfg-scale 1.0] [--min-new-tokens 16] [--stop-at-eos] [--num-samples 4] [--visualize]
+
+Several --prompt flags (or --prompt-file, one prompt per line) are generated together as one left-padded
+batch. --visualize prints the partially unmasked text after every step (░ = still masked). AR checkpoints
+decode left to right (block/steps/remasking options do not apply to them).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from .load import load
+from .sample import generate, render, strip_after_eos
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":  # bf16 on GPU (fp16 overflows in these models), fp32 on CPU
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def prompt_prefix(tok, use_bos: bool) -> list[int]:
+    """Start-of-text conditioning: BOS when the tokenizer has one, else EOS (the document separator)."""
+    if not use_bos:
+        return []
+    for special in (getattr(tok, "bos_id", None), getattr(tok, "eos_id", None)):
+        if special is not None:
+            return [special]
+    return []
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or .safetensors export")
+    ap.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable); default: none")
+    ap.add_argument("--prompt-file", help="file with one prompt per line")
+    ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    ap.add_argument("--gen-length", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
+    ap.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (default: gen-length)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: Gumbel-max sampling")
+    ap.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+    ap.add_argument("--sampler", choices=["llada", "mdlm"], default="llada",
+                    help="llada: confidence/random remasking; mdlm: ancestral sampler with prediction caching")
+    ap.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance weight w (0: off)")
+    ap.add_argument("--min-new-tokens", type=int, default=0, help="forbid EOS before this many generated tokens")
+    ap.add_argument("--stop-at-eos", action="store_true", help="fill everything after the first EOS with EOS")
+    ap.add_argument("--no-bos", action="store_true", help="do not prepend BOS (or EOS) to prompts")
+    ap.add_argument("--visualize", action="store_true", help="print the canvas after every step")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    args = ap.parse_args(argv)
+
+    device = resolve_device(args.device)
+    run = load(args.ckpt, device=device, dtype=resolve_dtype(args.dtype, device))
+    tok, cfg = run.tokenizer, run.cfg
+    texts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            texts += [line.rstrip("\n") for line in f if line.strip()]
+    if not texts:
+        texts = [""]
+    texts = [t for t in texts for _ in range(args.num_samples)]
+    prefix = prompt_prefix(tok, not args.no_bos)
+    prompts = [prefix + tok.encode(t) if t else list(prefix) for t in texts]
+    limit = cfg.model.max_seq_len
+    if max(map(len, prompts)) + args.gen_length > limit:
+        print(f"error: prompt + gen-length exceeds model.max_seq_len={limit}", file=sys.stderr)
+        return 2
+    if run.is_ar and not any(prompts):
+        print("error: this AR checkpoint's tokenizer has no BOS/EOS to start from: give a --prompt",
+              file=sys.stderr)
+        return 2
+    steps = args.steps or args.gen_length
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    eos = getattr(tok, "eos_id", None)
+    mask_id = cfg.model.mask_id
+    P = max(map(len, prompts))
+
+    def show(step: int, x: torch.Tensor) -> None:
+        for i, row in enumerate(x[:, P:].tolist()):
+            tag = f"[step {step:>3}]" + (f"[{i}]" if len(texts) > 1 else "")
+            print(f"{tag} {render(tok, row, mask_id)!r}")
+
+    stats: dict = {}
+    t0 = time.perf_counter()
+    out = generate(run.model, prompts if any(prompts) else None, mask_id=mask_id, gen_length=args.gen_length,
+                   steps=steps, block_length=args.block_length, temperature=args.temperature,
+                   remasking=args.remasking, sampler=args.sampler, generator=gen, batch_size=len(prompts),
+                   cfg_scale=args.cfg_scale, eos_id=eos, min_new_tokens=args.min_new_tokens,
+                   stop_at_eos=args.stop_at_eos and eos is not None, callback=show if args.visualize else None,
+                   stats=stats)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    kind = "AR left-to-right" if run.is_ar else (
+        f"{args.sampler}" + (f", {args.remasking} remasking" if args.sampler == "llada" else ""))
+    print(f"# {run.path} (step {run.step}) | {kind} | {len(prompts)} x {args.gen_length} tokens, {steps} steps, "
+          f"block {args.block_length or args.gen_length}, temperature {args.temperature}, cfg {args.cfg_scale}")
+    for text, row in zip(texts, out[:, P:].tolist()):
+        body = tok.decode(strip_after_eos(row, eos))
+        print("=" * 80)
+        print(f"{text}\033[1m{body}\033[0m" if sys.stdout.isatty() else f"{text}{body}")
+    print("=" * 80)
+    print(f"# {len(prompts) * args.gen_length / dt:.1f} tokens/s ({dt:.2f} s, {stats['forwards']} forward passes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Zero-shot perplexity bounds (MDLM protocol, docs/science.md section 4) for a checkpoint, one command:
+
+    python -m eval.ppl --ckpt runs/NAME --datasets wikitext2,ptb,lambada --data-dir ../shared/data
+    torchrun --nproc_per_node 2 -m eval.ppl --ckpt runs/NAME --datasets ptb --samples 8 --method count
+
+Each dataset's documents are detokenized, tokenized with the checkpoint's own tokenizer, concatenated and cut
+into [BOS] + (seq_len - 2) tokens + [EOS] blocks (remainder dropped). Diffusion checkpoints report an upper
+bound on the NLL (NELBO) with its Monte Carlo error; autoregressive checkpoints the exact NLL of the same
+blocks. Results go to <run_dir>/eval/ppl.json and ppl.md (merged with earlier results). See docs/eval.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .corpora import DATASETS, DEFAULT_SPLIT, Blocks, CorpusError, load_corpus, tokenize_and_wrap
+from .elbo import METHODS, Estimate, evaluate_blocks
+
+LN2 = math.log(2.0)
+
+
+def synthetic_blocks(tokenizer, seq_len: int, n_blocks: int) -> tuple[Blocks, float]:
+    """Blocks from the synthetic language's validation stream (the stream train.py validates on), with the
+    exact entropy per token at this length."""
+    from data.synthetic import SyntheticSource
+    lang = getattr(tokenizer, "lang", None)
+    if lang is None:
+        raise CorpusError("dataset 'synthetic' needs a checkpoint trained on the synthetic language")
+    x, _ = SyntheticSource(lang, seq_len, "valid", 0).get(list(range(n_blocks)))
+    rows = x.tolist()
+    n_bytes = sum(len(tokenizer.decode(r).encode("utf-8")) for r in rows)
+    return Blocks(rows, seq_len, n_blocks * seq_len, n_bytes, n_bytes, None, None), lang.entropy_per_token(seq_len)
+
+
+def result_row(est: Estimate, *, dataset: str, split: str, source: str, blocks: Blocks, seq_len: int,
+               seconds: float, step: Optional[int], ckpt: str, true_entropy: Optional[float] = None) -> dict:
+    row = {"dataset": dataset, "split": split, "source": source, "checkpoint": ckpt, "step": step,
+           "seq_len": seq_len, "blocks": blocks.n_blocks, "bos_id": blocks.bos_id, "eos_id": blocks.eos_id,
+           "text_tokens": blocks.n_text_tokens, "covered_bytes": blocks.covered_bytes,
+           "total_bytes": blocks.total_bytes, **est.to_dict()}
+    row["bits_per_byte"] = est.total_nats / LN2 / blocks.covered_bytes if blocks.covered_bytes else float("nan")
+    row["bits_per_byte_stderr"] = est.stderr_nats / LN2 / blocks.covered_bytes if blocks.covered_bytes else float("nan")
+    row["seconds"] = seconds
+    passes = est.n_sequences * seq_len * max(est.samples, 1)
+    row["seconds_per_1M_tokens"] = seconds / passes * 1e6 if passes else float("nan")  # per MC sample
+    if true_entropy is not None:
+        row["true_entropy"] = true_entropy
+    return row
+
+
+def _key(r: dict) -> tuple:
+    return (r["dataset"], r["split"], r["method"], r["samples"], r["seed"], r["seq_len"], r.get("step"))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| dataset | split | method | K | seed | blocks | tokens | NELBO nats/tok | s.e. | ppl | ppl 95% CI | "
+            "bits/byte | s / 1M tok |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        le = "" if r["method"] == "ar" else "<="
+        se = "exact" if r["method"] == "ar" else f"{r['stderr']:.4f}" + ("*" if r["samples"] <= 1 else "")
+        ci = "" if r["method"] == "ar" else f"[{r['ppl_ci95'][0]:.2f}, {r['ppl_ci95'][1]:.2f}]"
+        truth = f" (true {r['true_entropy']:.4f})" if r.get("true_entropy") is not None else ""
+        lines.append(f"| {r['dataset']} | {r['split']} | {r['method']} | {r['samples']} | {r['seed']} | "
+                     f"{r['blocks']} | {r['n_tokens']:,} | {r['nelbo']:.4f}{truth} | {se} | {le}{r['ppl']:.2f} | "
+                     f"{ci} | {r['bits_per_byte']:.4f} | {r['seconds_per_1M_tokens']:.1f} |")
+    foot = ("\nppl: exp(NELBO per token), an upper bound (<=) for diffusion checkpoints, exact for AR. s.e.: Monte "
+            "Carlo standard error per token; * with K=1 it is the between-block spread (conservative). "
+            "bits/byte: total nats / ln 2 / UTF-8 bytes of the detokenized text in the blocks. "
+            "s / 1M tok: wall seconds per million block tokens per Monte Carlo sample.\n")
+    return head + "\n".join(lines) + "\n" + foot
+
+
+def write_results(out_dir: Path, rows: list[dict]) -> tuple[Path, Path]:
+    """Merge with earlier results in out_dir/ppl.json (same dataset/split/method/K/seed/length/step replaced)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path_json, path_md = out_dir / "ppl.json", out_dir / "ppl.md"
+    old = []
+    if path_json.is_file():
+        try:
+            old = json.loads(path_json.read_text()).get("results", [])
+        except (json.JSONDecodeError, AttributeError):
+            old = []
+    merged = {_key(r): r for r in old}
+    merged.update({_key(r): r for r in rows})
+    allrows = sorted(merged.values(), key=lambda r: (r["dataset"], r["split"], r["method"], r["samples"], r["seed"]))
+    path_json.write_text(json.dumps({"results": allrows}, indent=1))
+    path_md.write_text(markdown_table(allrows))
+    return path_json, path_md
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m eval.ppl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder, or model.safetensors export")
+    p.add_argument("--datasets", default="wikitext2,ptb,lambada",
+                   help=f"comma-separated: {', '.join(DATASETS)}, synthetic (synthetic-language runs)")
+    p.add_argument("--split", default=None, help="validation | test | train; default: each dataset's protocol "
+                   f"split ({', '.join(f'{k} {v}' for k, v in DEFAULT_SPLIT.items())})")
+    p.add_argument("--data-dir", default=None, help="local files laid out like ../shared/data (see eval/corpora.py)")
+    p.add_argument("--offline", action="store_true", help="never try the hub, local files only")
+    p.add_argument("--method", default=None,
+                   help="comma-separated estimators: mdlm (one antithetic t per sequence, default), t (K "
+                   "stratified t per sequence), count (K stratified masked counts, LLaDA); AR checkpoints: ar")
+    p.add_argument("--samples", type=int, default=1, help="Monte Carlo samples K per block")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="rows (block x sample) per forward pass")
+    p.add_argument("--seq-len", type=int, default=1024, help="block length including BOS and EOS")
+    p.add_argument("--eps", type=float, default=None, help="t = (1-eps) u + eps for mdlm/t (default: the run's)")
+    p.add_argument("--group", type=int, default=32, help="mdlm: blocks sharing one antithetic set of t")
+    p.add_argument("--no-specials", action="store_true", help="plain blocks without BOS/EOS")
+    p.add_argument("--doc-eos", action="store_true",
+                   help="insert EOS after every document (MDLM's released code; the protocol omits it)")
+    p.add_argument("--max-blocks", type=int, default=None, help="evaluate only the first N blocks (quick checks; "
+                   "synthetic default 64)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--out", default=None, help="output folder (default: <run_dir>/eval)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> tuple[list[dict], list[str]]:
+    """Returns (result rows, names of datasets that could not be evaluated)."""
+    args = parse_args(argv)
+    from pretrain.parallel import init_distributed
+    from .load import _find, load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = init_distributed(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    loaded = load(args.ckpt, device=device)
+    model, tok = loaded.model, loaded.tokenizer
+    mask_id = loaded.cfg.model.mask_id
+    run_dir = _find(Path(args.ckpt))[0]
+    methods = [m.strip() for m in (args.method or ("ar" if loaded.is_ar else "mdlm")).split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown --method {m!r}; choices: {', '.join(METHODS)}")
+        if (m == "ar") != loaded.is_ar:
+            raise SystemExit(f"--method {m} does not fit this checkpoint (objective "
+                             f"{loaded.cfg.diffusion.objective}): use " + ("ar" if loaded.is_ar else "mdlm, t or count"))
+    if args.seq_len > model.cfg.max_seq_len:
+        raise SystemExit(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    if args.samples < 1:
+        raise SystemExit("--samples must be >= 1")
+    eps = loaded.cfg.diffusion.eps if args.eps is None else args.eps
+    say(f"eval.ppl | {loaded.path} (step {loaded.step}) | methods {','.join(methods)} | K {args.samples} | "
+        f"seed {args.seed} | seq_len {args.seq_len} | world {world} on {device}")
+
+    rows, failed = [], []
+    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        truth = None
+        if name == "synthetic":
+            blocks, truth = synthetic_blocks(tok, args.seq_len, args.max_blocks or 64)
+            source, split = "synthetic:valid", "valid"
+        else:
+            # Rank 0 fetches first, so concurrent ranks find the hub cache filled rather than racing for it.
+            corpus = None
+            if rank == 0 or world == 1:
+                corpus = _load_or_report(name, args)
+            if world > 1:
+                dist.barrier()
+                if rank != 0:
+                    corpus = _load_or_report(name, args)
+            if corpus is None:
+                failed.append(name)
+                continue
+            try:
+                blocks = tokenize_and_wrap(corpus.docs, tok, args.seq_len, specials=not args.no_specials,
+                                           doc_eos=args.doc_eos, max_blocks=args.max_blocks)
+            except ValueError as e:
+                say(f"{name}: cannot tokenize with this checkpoint's tokenizer: {e}")
+                failed.append(name)
+                continue
+            source, split = corpus.source, corpus.split
+        if blocks.n_blocks == 0:
+            say(f"{name}: {blocks.n_text_tokens} tokens, fewer than one block of {args.seq_len}: skipped")
+            failed.append(name)
+            continue
+        x = torch.tensor(blocks.tokens, dtype=torch.long)
+        for method in methods:
+            t0 = time.perf_counter()
+            est = evaluate_blocks(model, x, method=method, samples=args.samples, seed=args.seed, mask_id=mask_id,
+                                  eps=eps, batch_size=args.batch_size, group=args.group,
+                                  progress=not args.no_progress, desc=f"{name} {method}")
+            seconds = time.perf_counter() - t0
+            row = result_row(est, dataset=name, split=split, source=source, blocks=blocks, seq_len=args.seq_len,
+                             seconds=seconds, step=loaded.step, ckpt=str(loaded.path), true_entropy=truth)
+            rows.append(row)
+            bound = "<=" if method != "ar" else "="
+            say(f"{name:>12} {split:<10} {method:<5} K={args.samples:<3} {blocks.n_blocks:>5} blocks | "
+                f"{est.nelbo:.4f} +- {est.stderr:.4f} nats/tok | ppl {bound} {est.ppl:.2f} | "
+                f"{row['bits_per_byte']:.4f} bits/byte | {seconds:.1f}s")
+    if rank == 0 and rows:
+        out = Path(args.out) if args.out else run_dir / "eval"
+        pj, pm = write_results(out, rows)
+        print(markdown_table(rows))
+        print(f"wrote {pj} and {pm}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if failed:
+        say(f"not evaluated: {', '.join(failed)}")
+    return rows, failed
+
+
+def _load_or_report(name, args):
+    try:
+        return load_corpus(name, args.split, args.data_dir, hub=not args.offline)
+    except CorpusError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return None
+
+
+if __name__ == "__main__":
+    _rows, _failed = main()
+    sys.exit(2 if _failed else 0)

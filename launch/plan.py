@@ -1,0 +1,235 @@
+"""Per-GPU memory plan of a parallel layout, checked on a laptop.
+
+    python -m launch.plan --model llada-8b --nodes 8 --gpus-per-node 8 --tp 2 --seq-len 4096 \
+        --global-batch 1280 --micro-batch 1 --ac full
+
+Exact parts (parameters, gradients, AdamW state): the model is built on the meta device, and the real
+parallelization of pretrain/parallel.py (TP+SP plan, FSDP2) is applied under the real mesh on a *fake*
+process group of the full world size, so every number is read off the actual sharded DTensors of rank 0
+(the rank with the largest shards: uneven dimensions give their remainder to the first ranks).
+
+Estimated parts: FSDP's transient gathered parameters and unreduced gradients, activations (per formula
+below, with and without activation checkpointing) and the loss head. Allocator fragmentation, the CUDA
+context and communication buffers are not counted: keep a margin of several GB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, replace
+from typing import Optional
+
+GiB = 1024 ** 3
+
+
+@dataclass
+class Layout:
+    nodes: int
+    gpus_per_node: int
+    tp: int = 1
+    dp_replicate: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def sharded_state_bytes(mcfg, layout: Layout) -> dict:
+    """Exact bytes rank 0 holds for parameters, gradients and AdamW state (fp32 master weights), read from the
+    real parallelization on the meta device under a fake process group of the full world size."""
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from model import Transformer
+    from pretrain.config import ParallelConfig
+    from pretrain.parallel import ParallelDims, build_mesh, parallelize
+
+    pcfg = ParallelConfig(dp_replicate=layout.dp_replicate, tp=layout.tp)
+    dims = ParallelDims.from_config(pcfg, layout.world)
+    dims.validate_model(mcfg)
+    own_pg = not dist.is_initialized()
+    if own_pg:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=layout.world)
+    try:
+        mesh = build_mesh(dims, torch.device("cpu"))
+        with torch.device("meta"):
+            model = Transformer(mcfg)
+        units = _fsdp_units(model, dims.tp)
+        model = parallelize(model, pcfg, dims, mesh)
+        local = [(p.to_local() if hasattr(p, "to_local") else p) for p in model.parameters()]
+        n_local = sum(t.numel() for t in local)
+        n_tensors = len(local)
+    finally:
+        if own_pg:
+            dist.destroy_process_group()
+    fp32 = 4
+    return {
+        "dims": {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "tp": dims.tp, "dp": dims.dp},
+        "local_param_elements": n_local,
+        "params": n_local * fp32,  # sharded fp32 master weights
+        "grads": n_local * fp32,  # reduce-scattered fp32 gradients, same sharding
+        # AdamW: exp_avg and exp_avg_sq per element, plus one fp32 `step` scalar per parameter tensor
+        "optimizer": 2 * n_local * fp32 + n_tensors * fp32,
+        "largest_unit_elements": max(units),
+    }
+
+
+def _fsdp_units(model, tp: int) -> list[int]:
+    """Elements each FSDP unit gathers on one rank (blocks, and the root: embedding, final norm, head):
+    tensor-parallel weights stay sliced by tp, norm gains are whole."""
+    def per_rank(module):
+        return sum(p.numel() // tp if p.ndim == 2 else p.numel() for p in module.parameters())
+    root = sum(per_rank(m) for m in (model.tok_embeddings, model.norm, model.output))
+    return [per_rank(b) for b in model.layers] + [root]
+
+
+def activation_bytes(mcfg, *, seq_len: int, micro: int, tp: int, ac: str, ac_every: int) -> dict:
+    """Estimated activation memory of one micro-batch on one rank (bf16 activations, sequence parallel).
+
+    Saved for backward per token per block, in elements (d = dim, k = kv dim, F = ffn hidden, t = tp):
+      2d           the two gathered norm outputs feeding the column-parallel projections (full on every rank)
+      (d + d + 2k) / t   attention-norm input; q, k, v
+      (d + d) / t        attention output (SDPA) and its reshaped copy feeding wo
+      d / t              FFN-norm input
+      4F / t             w1 and w3 outputs, silu(w1), their product
+    in bf16, plus (d + k) / t pre-RoPE q and k kept in fp32 (the rotation runs in fp32).
+    Full checkpointing keeps only each block's input (d / t per token) and recomputes one block at a time.
+    The head (worst case: every position masked) keeps the gathered hidden state and, per position, the
+    bf16 logits slice, its fp32 copy and the fp32 log-softmax (10 bytes per vocab entry / t)."""
+    d, k, F, t = mcfg.dim, mcfg.kv_heads * mcfg.head_dim, mcfg.ffn_dim, tp
+    tokens = seq_len * micro
+    bf16, fp32 = 2, 4
+    per_token_block = bf16 * (2 * d + (2 * d + 2 * k + 2 * d + d + 4 * F) / t) + fp32 * (d + k) / t
+    if mcfg.n_kv_heads and mcfg.kv_heads != mcfg.n_heads:  # grouped KV: repeated k, v copies for SDPA
+        per_token_block += bf16 * 2 * d / t
+    block_full = per_token_block * tokens
+    block_input = bf16 * d / t * tokens
+    n = mcfg.n_layers
+    if ac == "full":
+        checkpointed = n
+    elif ac == "selective":
+        checkpointed = n // max(1, ac_every)
+    else:
+        checkpointed = 0
+    blocks = (n - checkpointed) * block_full + checkpointed * block_input + (block_full if checkpointed else 0)
+    head = tokens * (bf16 * d + 10 * mcfg.vocab_size / t)
+    return {"blocks": blocks, "head": head, "total": blocks + head, "per_block_no_ac": block_full}
+
+
+def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, ac: str, ac_every: int,
+         param_dtype_bytes: int = 2, gpu_gib: float = 80.0) -> dict:
+    exact = sharded_state_bytes(mcfg, layout)
+    dp = exact["dims"]["dp"]
+    if global_batch % (micro * dp):
+        raise ValueError(f"--global-batch {global_batch} is not a multiple of --micro-batch {micro} x data-parallel "
+                         f"degree {dp}")
+    accum = global_batch // (micro * dp)
+    unit = exact["largest_unit_elements"]
+    # Two gathered units at a time (the running one and the prefetched next) in the compute dtype, and one
+    # unit's unreduced fp32 gradient before its reduce-scatter. Skipped when nothing is sharded (dp == 1).
+    fsdp = (2 * unit * param_dtype_bytes + unit * 4) if dp > 1 else 0
+    acts = {mode: activation_bytes(mcfg, seq_len=seq_len, micro=micro, tp=layout.tp, ac=mode, ac_every=ac_every)
+            for mode in ("none", "selective", "full")}
+    states = exact["params"] + exact["grads"] + exact["optimizer"]
+    totals = {mode: states + fsdp + a["total"] for mode, a in acts.items()}
+    capacity = gpu_gib * GiB
+    warnings = []
+    if totals[ac] > capacity:
+        fits = [m for m in ("none", "selective", "full") if totals[m] <= capacity]
+        warnings.append(f"estimated peak {totals[ac] / GiB:.1f} GiB with activation checkpointing '{ac}' exceeds a "
+                        f"{gpu_gib:g} GiB GPU" + (f"; fits with --ac {fits[0]}" if fits else
+                                                   "; lower --micro-batch, raise --tp, or add GPUs"))
+    elif totals[ac] > 0.9 * capacity:
+        warnings.append(f"estimated peak {totals[ac] / GiB:.1f} GiB is within 10% of {gpu_gib:g} GiB: fragmentation "
+                        f"and communication buffers may not fit")
+    return {"model": mcfg.preset, "world": layout.world, "dims": exact["dims"], "seq_len": seq_len,
+            "global_batch": global_batch, "micro_batch": micro, "grad_accum": accum,
+            "tokens_per_step": global_batch * seq_len, "tokens_per_gpu_micro": micro * seq_len,
+            "exact": {k: exact[k] for k in ("params", "grads", "optimizer", "local_param_elements")},
+            "fsdp_buffers": fsdp, "activations": {m: a["total"] for m, a in acts.items()},
+            "ac": ac, "total": totals[ac], "totals": totals, "gpu_gib": gpu_gib, "warnings": warnings}
+
+
+def _fmt(b: float) -> str:
+    return f"{b / GiB:8.2f} GiB"
+
+
+def render(p: dict) -> str:
+    d = p["dims"]
+    lines = [
+        f"{p['model']} on {p['world']} GPUs: dp_replicate {d['dp_replicate']} x dp_shard {d['dp_shard']} x tp {d['tp']}",
+        f"batch: {p['global_batch']} x {p['seq_len']} = {p['tokens_per_step']:,} tokens per step; micro-batch "
+        f"{p['micro_batch']} ({p['tokens_per_gpu_micro']:,} tokens) per GPU, {p['grad_accum']} accumulation step(s)",
+        "per-GPU memory (rank 0):",
+        f"  parameters (fp32, sharded)     {_fmt(p['exact']['params'])}   exact",
+        f"  gradients (fp32, sharded)      {_fmt(p['exact']['grads'])}   exact",
+        f"  AdamW state (fp32, sharded)    {_fmt(p['exact']['optimizer'])}   exact",
+        f"  FSDP gathered units            {_fmt(p['fsdp_buffers'])}   estimate",
+    ]
+    for mode in ("none", "selective", "full"):
+        mark = "  <-" if mode == p["ac"] else ""
+        lines.append(f"  activations, AC {mode:<10}     {_fmt(p['activations'][mode])}   estimate "
+                     f"(total {p['totals'][mode] / GiB:.1f} GiB){mark}")
+    lines.append(f"  total with AC {p['ac']:<10}       {_fmt(p['total'])}   of {p['gpu_gib']:g} GiB")
+    lines += [f"WARNING: {w}" for w in p["warnings"]]
+    return "\n".join(lines)
+
+
+def _model_config(args):
+    from model.config import get_preset
+    if args.config:
+        import yaml
+
+        from pretrain.config import Config, from_dict
+        cfg = from_dict(Config, yaml.safe_load(open(args.config)) or {})
+        mcfg = cfg.model
+        seq_len = cfg.data.seq_len
+    else:
+        mcfg, seq_len = get_preset(args.model), None
+    if args.vocab_size:
+        mcfg = replace(mcfg, vocab_size=args.vocab_size)
+    if mcfg.vocab_size is None:
+        sys.exit(f"{mcfg.preset or args.config} takes its vocabulary from the data: pass --vocab-size")
+    return mcfg, seq_len
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m launch.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model preset (python -m model lists them), e.g. llada-8b, 1028M")
+    src.add_argument("--config", help="a run config YAML (its model section)")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--dp-replicate", type=int, default=1, help="HSDP replicas (dp_shard is what remains)")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: the config's data.seq_len, else the "
+                    "model's max_seq_len")
+    ap.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: one micro-batch "
+                    "per data-parallel rank)")
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--ac", choices=("none", "selective", "full"), default="full")
+    ap.add_argument("--ac-every", type=int, default=2)
+    ap.add_argument("--param-dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    ap.add_argument("--vocab-size", type=int, default=None)
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = ap.parse_args(argv)
+    mcfg, cfg_seq = _model_config(args)
+    layout = Layout(args.nodes, args.gpus_per_node, args.tp, args.dp_replicate)
+    seq_len = args.seq_len or cfg_seq or mcfg.max_seq_len
+    dp = layout.world // (layout.tp * layout.dp_replicate)
+    global_batch = args.global_batch or args.micro_batch * dp
+    try:
+        p = plan(mcfg, layout, seq_len=seq_len, global_batch=global_batch, micro=args.micro_batch, ac=args.ac,
+                 ac_every=args.ac_every, param_dtype_bytes=2 if args.param_dtype == "bf16" else 4,
+                 gpu_gib=args.gpu_memory_gib)
+    except ValueError as e:
+        sys.exit(f"plan error: {e}")
+    print(json.dumps(p, indent=1) if args.json else render(p))
+
+
+if __name__ == "__main__":
+    main()

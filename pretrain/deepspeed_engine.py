@@ -1,0 +1,138 @@
+"""DeepSpeed ZeRO (stage 0-3) as an alternative engine: same model, loss, loader and loop as the native one.
+
+`parallel.engine: deepspeed` swaps what runs backward, the optimizer step and checkpoints; the model is
+built and initialized exactly as for the native engine (same seed, same weights), and the optimizer is our
+own torch AdamW with the same parameter groups, handed to DeepSpeed as its client optimizer (so no fused
+DeepSpeed op has to be compiled, and the update rule is bit-for-bit the native one).
+
+Data parallelism only: tensor parallelism and HSDP are native-engine features. Checkpoints are DeepSpeed's
+own format in unmask's directory scheme (step_XXXXXXXX, written to .tmp and renamed, trainer_state.json), so
+they resume within this engine at the same data-parallel size, are refused by the native engine with a
+clear message, and export to safetensors through DeepSpeed's zero_to_fp32 reassembly (pretrain/export.py).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import Checkpointer, EngineMismatch, check_engine, read_trainer_state
+
+
+def deepspeed_config(cfg, *, micro: int, accum: int, dp_size: int, use_bf16: bool) -> dict:
+    """Translate our config into a DeepSpeed config. Batch sizes are given in all three forms DeepSpeed checks
+    against each other; gradients are reduced in fp32 as in the native engine."""
+    zero = {"stage": cfg.parallel.zero_stage, "contiguous_gradients": True, "overlap_comm": torch.cuda.is_available()}
+    if cfg.parallel.zero_stage == 3:
+        # Gather every parameter at forward time and release it afterwards (no persistence threshold), the same
+        # memory behaviour as FSDP2 resharding after forward.
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+    return {
+        "train_batch_size": micro * accum * dp_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(cfg.optim.grad_clip),  # 0 disables, as for us
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(use_bf16)},
+        "fp16": {"enabled": False},
+        "communication_data_type": "fp32",
+        "zero_allow_untested_optimizer": True,  # our torch AdamW as client optimizer
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,  # the loop logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+def _import_deepspeed(device: torch.device):
+    if device.type == "cpu":
+        # DeepSpeed picks its accelerator at import; on a CPU run it must be the CPU one (gloo collectives).
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise RuntimeError("parallel.engine=deepspeed needs DeepSpeed: pip install 'unmask[deepspeed]'") from e
+    if device.type == "cpu" and os.environ.get("UNMASK_DEEPSPEED_SHM", "0") != "1":
+        # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op when its communication
+        # backend starts (1-2 minutes and a C++ toolchain on first use). It only speeds up intra-node CPU
+        # collectives; CPU runs here are tests and smoke runs, for which gloo is enough. UNMASK_DEEPSPEED_SHM=1
+        # keeps DeepSpeed's default.
+        import deepspeed.comm.torch as ds_torch_comm
+        ds_torch_comm.build_shm_op = lambda: None
+    return deepspeed
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, cfg, model, optimizer, *, ckpt_dir: Path, accum: int, micro: int, dp_size: int,
+                 use_bf16: bool):
+        p = cfg.parallel
+        if p.tp != 1 or p.dp_replicate != 1:
+            raise ValueError("parallel.engine=deepspeed runs ZeRO data parallelism only: set parallel.tp=1 and "
+                             "parallel.dp_replicate=1 (tensor parallelism and HSDP are native-engine features)")
+        device = next(model.parameters()).device
+        deepspeed = _import_deepspeed(device)
+        self.config = deepspeed_config(cfg, micro=micro, accum=accum, dp_size=dp_size, use_bf16=use_bf16)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
+                                                    dist_init_required=False)
+        self.model = self.engine  # forward goes through the engine (ZeRO-3 gathers parameters in its hooks)
+        self.dp_size = dp_size
+        self.zero_stage = p.zero_stage
+        self.ckpt = Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed divides by gradient_accumulation_steps itself, and wants step() after every micro-batch:
+        # it reduces gradients and updates only at the accumulation boundary.
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def step(self) -> torch.Tensor:
+        norm = self.engine.get_global_grad_norm()
+        return torch.tensor(float("nan") if norm is None else float(norm))
+
+    def save(self, step: int, trainer_state: dict, *, blocking: bool = True) -> Path:
+        tmp, final = self.ckpt.stage(step)
+        # save_latest=False: "latest" pointers are ours (the newest complete step_* directory).
+        self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+        state = {**trainer_state, "engine": self.name, "zero_stage": self.zero_stage, "dp_size": self.dp_size}
+        self.ckpt.commit(tmp, final, state)
+        return final
+
+    def wait(self) -> None:
+        """Saves are synchronous here."""
+
+    def load(self, path: Path) -> dict:
+        path = Path(path)
+        state = read_trainer_state(path)
+        check_engine(path, state, self.name)
+        if state.get("dp_size") != self.dp_size:
+            raise EngineMismatch(f"{path} holds ZeRO partitions for {state.get('dp_size')} data-parallel ranks but "
+                                 f"this run has {self.dp_size}: DeepSpeed checkpoints resume at the same size (the "
+                                 f"native engine reshards freely; DeepSpeed offers ds_to_universal for this)")
+        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+        if dist.is_initialized():
+            dist.barrier()
+        return state
+
+
+def _clean_name(name: str) -> str:
+    # Wrappers applied from outside (activation checkpointing, torch.compile) are not part of the model's names.
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model weights of a DeepSpeed checkpoint directory, on the CPU, without a process group."""
+    path = Path(path)
+    _import_deepspeed(torch.device("cpu"))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return {_clean_name(k): v for k, v in sd.items()}

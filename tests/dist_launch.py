@@ -1,0 +1,79 @@
+"""Helpers for the distributed tests: run tests/dist_worker.py under torchrun (CPU, gloo) once per session."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+
+
+def env() -> dict:
+    # One thread per process: the tests start up to 4 processes on a 2-core machine.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(WORKER), *args]
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    p = subprocess.run(torchrun_cmd(nproc, *args), env=env(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"torchrun {nproc} x {' '.join(args)} failed (exit {p.returncode}):\n"
+                             f"{p.stdout[-4000:]}\n{p.stderr[-8000:]}")
+    return p
+
+
+def run_once(tmp_path_factory, key: str, nproc: int, scenario: str, *args: str) -> Path:
+    """Run a scenario once per pytest session into <basetemp>/dist_<key> (results shared across modules)."""
+    out = tmp_path_factory.getbasetemp() / f"dist_{key}"
+    done = out / "DONE"
+    if not done.exists():
+        t0 = time.perf_counter()
+        torchrun(nproc, scenario, str(out), *args)
+        out.mkdir(parents=True, exist_ok=True)
+        done.write_text(f"{time.perf_counter() - t0:.1f}\n")
+    return out
+
+
+def load(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def metrics(run_dir: Path) -> dict:
+    """step -> record, last record of each kind wins (a resumed run re-logs the steps after its checkpoint)."""
+    train, val = {}, {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            train[rec["step"]] = rec["loss"]
+        for k, v in rec.items():
+            if k.startswith("val/"):
+                val[rec["step"]] = v
+    return {"train": train, "val": val}
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of pid (torchrun starts its workers in their own sessions, so a process-group
+    kill does not reach them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out

@@ -1,0 +1,318 @@
+"""Multi-process scenarios for tests/test_dist_*.py, run under torchrun (gloo, CPU).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=N tests/dist_worker.py SCENARIO OUT_DIR [ARGS]
+
+Each scenario writes its measurements as JSON into OUT_DIR (rank 0); the pytest side asserts on them.
+Single-process references are computed inside the same processes (an unsharded model on every rank, fed
+the whole global batch): every step's noise is a pure function of (seed, step) drawn for the global batch,
+so any layout must reproduce the reference up to floating-point reduction order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from data import Loader, build_data  # noqa: E402
+from model import Transformer  # noqa: E402
+from pretrain.config import load_config  # noqa: E402
+from pretrain.diffusion import draw_step_noise, get_schedule  # noqa: E402
+from pretrain.engine import NativeEngine  # noqa: E402
+from pretrain.lr import lr_at  # noqa: E402
+from pretrain.parallel import (ParallelDims, build_mesh, dp_coordinates, init_distributed, init_weights,  # noqa: E402
+                               loss_scope, parallelize)
+from pretrain.train import build_optimizer, evaluate, objective_loss, resolve_model  # noqa: E402
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+# Deterministic, quiet runs: no random-length batches (a layout-independent feature, but it would make the
+# sequence-parallel runs cut lengths to a multiple of tp), grad clipping that actually clips.
+BASE = ["data.random_length_prob=0", "optim.grad_clip=0.5", "logging.progress_bar=false", "train.samples=0",
+        "optim.warmup_steps=2"]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def write_json(out: Path, name: str, obj) -> None:
+    if rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(obj, indent=1))
+
+
+def clean(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    # A copy: the optimizer step clips gradients and updates weights in place.
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def world_mean(x: torch.Tensor) -> float:
+    x = x.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return float(x)
+
+
+class Run:
+    """One model + optimizer in one layout (or unsharded), stepping like pretrain/train.py does."""
+
+    def __init__(self, cfg, data, layout: dict | None):
+        self.cfg, self.data = cfg, data
+        if layout is None:  # the single-process reference, on every rank
+            self.dims, self.mesh = ParallelDims(1, 1, 1, 1), None
+            model = Transformer(cfg.model)
+            model.init_weights(seed=cfg.train.seed)
+        else:
+            cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp = layout["rep"], layout["shard"], layout["tp"]
+            cfg.parallel.activation_checkpoint = layout.get("ac", "none")
+            cfg.parallel.ac_every = layout.get("ac_every", 2)
+            self.dims = ParallelDims.from_config(cfg.parallel, dist.get_world_size())
+            self.mesh = build_mesh(self.dims, torch.device("cpu"))
+            with torch.device("meta"):
+                model = Transformer(cfg.model)
+            model = parallelize(model, cfg.parallel, self.dims, self.mesh)
+            model.to_empty(device="cpu")
+            init_weights(model, seed=cfg.train.seed)
+        self.dp_rank, self.dp_size = dp_coordinates(self.mesh, self.dims)
+        G = cfg.train.global_batch_size
+        self.micro = (layout or {}).get("micro") or G // self.dp_size
+        self.accum = G // (self.micro * self.dp_size)
+        self.model = model
+        self.engine = NativeEngine(model, build_optimizer(model, cfg.optim), grad_clip=cfg.optim.grad_clip,
+                                   accum=self.accum, checkpointer=None)
+        self.loader = Loader(data.train, cfg.train.seed, self.dp_rank, self.dp_size)
+        self.schedule = get_schedule(cfg.diffusion.schedule)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {clean(n): full(p.detach()) for n, p in self.model.named_parameters()}
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        return {clean(n): full(p.grad) for n, p in self.model.named_parameters()}
+
+    def forward_backward(self, step: int) -> float:
+        cfg, G, L = self.cfg, self.cfg.train.global_batch_size, self.cfg.data.seq_len
+        noise = draw_step_noise(cfg.train.seed, step, G, L, stratified=True, random_length_prob=0.0,
+                                device=torch.device("cpu"))
+        rows_all = self.loader.rank_positions(0, G)
+        total = torch.zeros(())
+        for m in range(self.accum):
+            x0, doc = self.loader.micro_batch(step * G, G, self.micro, m)
+            rows = rows_all[m * self.micro:(m + 1) * self.micro]
+            with loss_scope(self.dims.tp > 1):
+                loss, _ = objective_loss(self.model, cfg, x0, doc, noise.u[rows], noise.mask_uniform[rows], self.schedule)
+                self.engine.backward(loss)
+            total += loss.detach() / self.accum
+        return total
+
+    def optimizer_step(self, step: int) -> float:
+        o = self.cfg.optim
+        self.engine.set_lr(lr_at(step, lr=o.lr, min_lr=o.min_lr, warmup=o.warmup_steps, total=self.cfg.train.steps,
+                                 schedule=o.schedule, decay_fraction=o.decay_fraction))
+        return float(full(self.engine.step()))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def equivalence(out: Path, layouts: list[dict], steps: int, overrides: list[str], tag: str) -> None:
+    """Several optimizer steps of each layout in lock-step with the unsharded reference: compare initial
+    weights, per-step losses, gradients (before clipping), gradient norms, and weights after each update."""
+    data = build_data(load_config(TINY, BASE + overrides).data, 0)
+
+    def config():
+        c = load_config(TINY, BASE + overrides)
+        resolve_model(c, data)
+        return c
+    ref = Run(config(), data, None)
+    runs = [(layout, Run(config(), data, layout)) for layout in layouts]
+    report = {name["name"]: {"init": max_diff(r.params(), ref.params()), "loss": [], "grad": [], "gnorm": [],
+                             "param": []} for name, r in runs}
+    report["_ref_loss"] = []
+    for step in range(steps):
+        ref_loss = float(ref.forward_backward(step))
+        ref_grads = ref.grads()
+        ref_norm = ref.optimizer_step(step)
+        ref_params = ref.params()
+        report["_ref_loss"].append(ref_loss)
+        for layout, r in runs:
+            rep = report[layout["name"]]
+            loss = world_mean(r.forward_backward(step))
+            rep["loss"].append(abs(loss - ref_loss))
+            rep["grad"].append(max_diff(r.grads(), ref_grads))
+            rep["gnorm"].append(abs(r.optimizer_step(step) - ref_norm))
+            rep["param"].append(max_diff(r.params(), ref_params))
+    report["_ref_grad_scale"] = max(float(g.abs().max()) for g in ref_grads.values())
+    write_json(out, f"equivalence_{tag}.json", report)
+
+
+def sharded_bytes(out: Path, layout: dict) -> None:
+    """Actual bytes this rank holds for parameters, gradients and AdamW state after one step, for the
+    planner test (launch/plan.py computes the same numbers on the meta device under a fake process group)."""
+    cfg = load_config(TINY, BASE)
+    data = build_data(cfg.data, cfg.train.seed)
+    resolve_model(cfg, data)
+    r = Run(cfg, data, layout)
+    r.forward_backward(0)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    got = {"params": sum(local(p).numel() * local(p).element_size() for p in r.model.parameters()),
+           "grads": sum(local(p.grad).numel() * local(p.grad).element_size() for p in r.model.parameters())}
+    r.optimizer_step(0)
+    got["optimizer"] = sum(local(v).numel() * local(v).element_size() for s in r.engine.optimizer.state.values()
+                           for v in s.values() if torch.is_tensor(v))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, got)
+    write_json(out, "sharded_bytes.json", {"vocab_size": cfg.model.vocab_size, "per_rank": gathered,
+                                           "layout": layout})
+
+
+def train_run(out: Path, name: str, overrides: list[str]) -> dict:
+    from pretrain.train import train
+    cfg = load_config(TINY, BASE + [f"train.out_dir={out}", f"train.name={name}"] + overrides)
+    return train(cfg)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def eval_checkpoint(out: Path, ckpt: Path, overrides: list[str], tag: str) -> None:
+    """Load a checkpoint into this process layout and compute the validation loss exactly as train does."""
+    from pretrain.engine import build_engine
+    cfg = load_config(TINY, BASE + overrides)
+    data = build_data(cfg.data, cfg.train.seed)
+    resolve_model(cfg, data)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    mesh = build_mesh(dims, torch.device("cpu"))
+    dp_rank, dp_size = dp_coordinates(mesh, dims)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model = parallelize(model, cfg.parallel, dims, mesh)
+    model.to_empty(device="cpu")
+    init_weights(model, seed=12345)  # deliberately different: the checkpoint must overwrite everything
+    engine = build_engine(cfg, model, build_optimizer(model, cfg.optim), ckpt_dir=out / "unused", accum=1,
+                          micro=cfg.train.global_batch_size // dp_size, dp_size=dp_size, use_bf16=False)
+    state = engine.load(ckpt)
+    import contextlib
+    val = evaluate(engine.model, cfg, next(iter(data.valid.values())), dp_rank=dp_rank, dp_size=dp_size,
+                   micro=cfg.train.global_batch_size // dp_size, device=torch.device("cpu"),
+                   autocast=contextlib.nullcontext())
+    write_json(out, f"eval_{tag}.json", {"val_loss": val, "step": state["step"], "consumed": state["consumed"]})
+
+
+def copy_run(src: Path, dst: Path) -> None:
+    if rank() == 0:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+CKPT_RUN = ["train.steps=8", "train.save_every=4", "train.eval_every=4", "train.log_every=1"]
+
+
+def scenario_two(out: Path) -> None:
+    """2 processes: FSDP2 (with gradient accumulation, with full activation checkpointing), HSDP, TP+SP (with
+    selective activation checkpointing), and TP+SP for the autoregressive objective."""
+    equivalence(out, [
+        {"name": "dp2", "rep": 1, "shard": 2, "tp": 1},
+        {"name": "dp2_accum2_ac_full", "rep": 1, "shard": 2, "tp": 1, "micro": 2, "ac": "full"},
+        {"name": "hsdp2x1", "rep": 2, "shard": 1, "tp": 1},
+        {"name": "tp2", "rep": 1, "shard": 1, "tp": 2},
+        {"name": "tp2_ac_selective", "rep": 1, "shard": 1, "tp": 2, "ac": "selective", "ac_every": 2},
+    ], steps=3, overrides=[], tag="mdm")
+    equivalence(out, [{"name": "tp2", "rep": 1, "shard": 1, "tp": 2}], steps=2,
+                overrides=["diffusion.objective=ar", "model.causal=true"], tag="ar")
+
+
+def scenario_four(out: Path) -> None:
+    """4 processes: DP2 x TP2 and HSDP layouts over several steps; the sharded-bytes record for the planner;
+    then a real training run at DP2 x TP2 that stops (and checkpoints) at step 4 of 8."""
+    equivalence(out, [
+        {"name": "dp2_tp2", "rep": 1, "shard": 2, "tp": 2},
+        {"name": "dp2_tp2_accum2", "rep": 1, "shard": 2, "tp": 2, "micro": 2, "ac": "full"},
+        {"name": "hsdp2x2", "rep": 2, "shard": 2, "tp": 1},
+        {"name": "hsdp2x1_tp2", "rep": 2, "shard": 1, "tp": 2},
+    ], steps=4, overrides=[], tag="four")
+    sharded_bytes(out, {"rep": 1, "shard": 2, "tp": 2})
+    train_run(out, "dp2tp2", CKPT_RUN + ["parallel.dp_shard=2", "parallel.tp=2", "train.stop_after=4"])
+
+
+def scenario_resume(out: Path, src_run: str, tag: str, *layout: str) -> None:
+    """Resume the DP2 x TP2 checkpoint in this process layout: its validation loss here, then training on."""
+    src = Path(src_run)
+    ckpt = src / "checkpoints" / "step_00000004"
+    eval_checkpoint(out, ckpt, list(layout), tag)
+    copy_run(src, out / f"resumed_{tag}")
+    train_run(out, f"resumed_{tag}", CKPT_RUN + list(layout))
+    if tag == "single":  # the uninterrupted reference run, single process
+        train_run(out, "reference", CKPT_RUN)
+
+
+ASYNC_RUN = ["train.save_every=4", "train.eval_every=1000", "train.log_every=1", "optim.schedule=constant"]
+
+
+def scenario_async_kill(out: Path) -> None:
+    """Async checkpoints every 4 steps of a long run; the test SIGKILLs this job while step 8 is being written.
+    (A constant LR: the schedule must not depend on train.steps, which the resumed run shortens.)"""
+    train_run(out, "async", ASYNC_RUN + ["train.steps=200", "parallel.async_save=true"])
+
+
+def scenario_async_resume(out: Path) -> None:
+    """Resume the killed run (train.resume=auto) to step 8; the killed run's own log is the reference."""
+    train_run(out, "async", ASYNC_RUN + ["train.steps=8", "parallel.async_save=true"])
+
+
+def scenario_deepspeed(out: Path) -> None:
+    """The native engine at DP=2, then DeepSpeed ZeRO-1/2/3 on the same config; ZeRO-2 stops at step 4 and
+    resumes within the engine; loading across engines must fail with the explanation."""
+    from pretrain.checkpoint import EngineMismatch
+    common = ["train.steps=6", "train.save_every=3", "train.eval_every=3", "train.log_every=1"]
+    train_run(out, "native", common)
+    for stage in (1, 2, 3):
+        train_run(out, f"zero{stage}", common + ["parallel.engine=deepspeed", f"parallel.zero_stage={stage}"])
+    train_run(out, "zero2_resumed", common + ["parallel.engine=deepspeed", "parallel.zero_stage=2",
+                                              "train.stop_after=3"])
+    train_run(out, "zero2_resumed", common + ["parallel.engine=deepspeed", "parallel.zero_stage=2"])
+    errors = {}
+    for engine, src in (("native", "zero1"), ("deepspeed", "native")):
+        try:
+            eval_checkpoint(out, out / src / "checkpoints" / "step_00000006", [f"parallel.engine={engine}"], "x")
+            errors[engine] = None
+        except EngineMismatch as e:
+            errors[engine] = str(e)
+    write_json(out, "engine_mismatch.json", errors)
+
+
+SCENARIOS = {"two": scenario_two, "four": scenario_four, "resume": scenario_resume, "async_kill": scenario_async_kill,
+             "async_resume": scenario_async_resume, "deepspeed": scenario_deepspeed}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    scenario, out, *args = sys.argv[1:]
+    SCENARIOS[scenario](Path(out), *args)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
