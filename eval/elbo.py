@@ -225,7 +225,7 @@ def _world() -> tuple[int, int]:
 
 def _reduce(values: list[float], device) -> list[float]:
     """Sum a few float64 statistics over all ranks (gloo on CPU, nccl on CUDA)."""
-    rank, world = _world()
+    _, world = _world()
     t = torch.tensor(values, dtype=torch.float64)
     if world > 1:
         t = t.to(device if dist.get_backend() == "nccl" else "cpu")

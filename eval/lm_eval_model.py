@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .generate import resolve_device, resolve_dtype
 from .likelihood import conditional_loglikelihood, encode_pair, greedy_match
 from .load import load
-from .sample import generate, strip_after_eos
+from .sample import generate_many, strip_after_eos
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def _int_or_default(value, default: int) -> int:
 @register_model("unmask")
 class UnmaskLM(LM):
     def __init__(self, ckpt: Optional[str] = None, pretrained: Optional[str] = None, device: Optional[str] = None,
-                 dtype: str = "auto", batch_size=32, max_batch_size=None, mc_samples: int = 128,
+                 dtype: str = "auto", batch_size=32, max_batch_size=None,  # max_batch_size: lm-eval's, unused
+                 mc_samples: int = 128,
                  mc_round: Optional[int] = None, stderr_tol: Optional[float] = None, cfg_scale: float = 0.0,
                  seed: int = 1234, greedy: str = "auto", gen_length: Optional[int] = None,
                  steps: Optional[int] = None, block_length: Optional[int] = None,
@@ -63,8 +64,8 @@ class UnmaskLM(LM):
         path = ckpt or pretrained
         if not path:
             raise ValueError("the unmask model needs ckpt=PATH (a run directory, checkpoint folder or export)")
-        if unused:
-            log.warning("unmask: ignoring unknown model args %s", sorted(unused))
+        if unused:  # a typo (mc_sample=32) must not silently run with the defaults
+            raise ValueError(f"unknown unmask model args {sorted(unused)}; see eval/lm_eval_model.py")
         if greedy not in ("auto", "always", "never"):
             raise ValueError(f"greedy={greedy!r}; choices: auto, always, never")
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -174,15 +175,16 @@ class UnmaskLM(LM):
                 if not c and self.prefix_id is not None:
                     c = [self.prefix_id]
                 ctxs.append(c[max(0, len(c) - (self.max_length - gen_length)):])
-            order = sorted(range(len(idx)), key=lambda j: -len(ctxs[j]))
-            for b in range(0, len(order), self.batch_size):
-                chunk = order[b:b + self.batch_size]
-                texts = self._generate_batch([ctxs[j] for j in chunk], until, gen_length, steps, block,
+            order = sorted(range(len(idx)), key=lambda j: -len(ctxs[j]))  # similar lengths end up together
+            chunk = max(1, 8 * self.batch_size)  # a progress update every few batches
+            for j0 in range(0, len(order), chunk):
+                part = order[j0:j0 + chunk]
+                texts = self._generate_batch([ctxs[j] for j in part], until, gen_length, steps, block,
                                              temperature, max_gen)
-                for j, text in zip(chunk, texts):
+                for j, text in zip(part, texts):
                     out[idx[j]] = text
                     self.cache_hook.add_partial("generate_until", requests[idx[j]].args, text)
-                bar.update(len(chunk))
+                bar.update(len(part))
         bar.close()
         return out  # type: ignore[return-value]
 
@@ -207,14 +209,14 @@ class UnmaskLM(LM):
                 text = self.tok.decode(strip_after_eos(ids, self.eos_id))
                 flags.append(any(s in text for s in until) or (self.eos_id is not None and self.eos_id in ids))
             return torch.tensor(flags, dtype=torch.bool)
-        x = generate(self.model, ctxs, mask_id=self.mask_id, gen_length=gen_length, steps=steps,
-                     block_length=block, temperature=temperature, remasking=self.remasking, sampler=self.sampler,
-                     generator=self._dev_gen, cfg_scale=0.0 if self.run.is_ar else self.cfg_scale,
-                     eos_id=self.eos_id, stop_at_eos=self.eos_id is not None,
-                     stop_fn=stopped if (until or self.eos_id is not None) else None)
-        P = max(len(c) for c in ctxs)
+        rows = generate_many(self.model, ctxs, batch_size=self.batch_size, mask_id=self.mask_id,
+                             gen_length=gen_length, steps=steps, block_length=block, temperature=temperature,
+                             remasking=self.remasking, sampler=self.sampler, generator=self._dev_gen,
+                             cfg_scale=0.0 if self.run.is_ar else self.cfg_scale, eos_id=self.eos_id,
+                             stop_at_eos=self.eos_id is not None,
+                             stop_fn=stopped if (until or self.eos_id is not None) else None)
         texts = []
-        for row in x[:, P:].tolist():
+        for row in rows:
             text = self.tok.decode(strip_after_eos(row[:max_gen], self.eos_id))
             for s in until:
                 if s and s in text:

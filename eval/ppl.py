@@ -218,7 +218,7 @@ def _load_or_report(name, args):
     try:
         return load_corpus(name, args.split, args.data_dir, hub=not args.offline)
     except CorpusError as e:
-        print(f"{name}: {e}", file=sys.stderr)
+        print(str(e), file=sys.stderr)  # the message starts with the dataset name
         return None
 
 

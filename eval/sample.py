@@ -25,11 +25,9 @@ the batch. `callback(step, x)` sees the canvas after every step (used for the st
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 PromptLike = Union[None, torch.Tensor, Sequence[Sequence[int]]]
 
@@ -345,3 +343,21 @@ def strip_after_eos(ids: Sequence[int], eos_id: Optional[int]) -> list[int]:
     if eos_id is not None and eos_id in ids:
         ids = ids[:ids.index(eos_id)]
     return ids
+
+
+def generate_many(model, prompts: Sequence[Sequence[int]], *, batch_size: int = 32, max_pad: float = 0.1,
+                  **kw) -> list[list[int]]:
+    """Generated ids (gen_length per prompt, input order) for many prompts, in batches of similar length.
+
+    Every row of a batch costs as much compute as its longest one, so one batch of mixed lengths can be
+    slower on a CPU than prompts one at a time; grouping rows whose padding is at most `max_pad` of the row
+    (prompt + generation) keeps the batching gain. Other keyword arguments go to `generate`. A `stop_fn`
+    receives the rows of one batch at a time."""
+    from .likelihood import length_batches
+    G = kw["gen_length"]
+    out: list[list[int]] = [[] for _ in prompts]
+    for idx in length_batches([len(p) + G for p in prompts], batch_size, max_pad):
+        x = generate(model, [prompts[i] for i in idx], **kw)
+        for r, i in enumerate(idx):
+            out[i] = x[r, -G:].tolist()
+    return out

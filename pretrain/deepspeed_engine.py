@@ -58,8 +58,9 @@ def _import_deepspeed(device: torch.device):
         # backend starts (1-2 minutes and a C++ toolchain on first use). It only speeds up intra-node CPU
         # collectives; CPU runs here are tests and smoke runs, for which gloo is enough. UNMASK_DEEPSPEED_SHM=1
         # keeps DeepSpeed's default.
-        import deepspeed.comm.torch as ds_torch_comm
-        ds_torch_comm.build_shm_op = lambda: None
+        import importlib
+        # (by module path: the attribute deepspeed.comm.torch is the torch package itself)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
 
 
@@ -74,6 +75,11 @@ class DeepSpeedEngine:
                              "parallel.dp_replicate=1 (tensor parallelism and HSDP are native-engine features)")
         device = next(model.parameters()).device
         deepspeed = _import_deepspeed(device)
+        if not dist.is_initialized():
+            # A single process: DeepSpeed still wants a process group; a private one needs no rendezvous.
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts a launcher set it
         self.config = deepspeed_config(cfg, micro=micro, accum=accum, dp_size=dp_size, use_bf16=use_bf16)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
                                                     dist_init_required=False)

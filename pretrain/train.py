@@ -95,7 +95,10 @@ def train(cfg: Config) -> dict:
     rank, world, device = init_distributed(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    dims = ParallelDims.from_config(cfg.parallel, world)
+    try:
+        dims = ParallelDims.from_config(cfg.parallel, world)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     mesh = build_mesh(dims, device)
     dp_rank, dp_size = dp_coordinates(mesh, dims)
     G = cfg.train.global_batch_size

@@ -74,3 +74,12 @@ def test_layout_validation_messages():
         ParallelDims.from_config(ParallelConfig(tp=4), 8).validate_model(llada)
     with pytest.raises(ValueError, match="data.seq_len=66"):
         ParallelDims.from_config(ParallelConfig(tp=4), 4).validate_model(get_preset("tiny"), seq_len=66)
+
+
+def test_unsupported_combinations_are_refused_up_front():
+    from pretrain.config import ParallelConfig
+    from pretrain.parallel import ParallelDims
+    with pytest.raises(ValueError, match="compile=true with parallel.tp > 1"):
+        ParallelDims.from_config(ParallelConfig(tp=2, compile=True), 2)
+    with pytest.raises(ValueError, match="engine=deepspeed runs ZeRO data parallelism only"):
+        ParallelDims.from_config(ParallelConfig(tp=2, engine="deepspeed"), 2)

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from eval.likelihood import (conditional_loglikelihood, encode_pair, greedy_fill, greedy_match, hash_uniform,
                              stratified_counts)
-from helpers_downstream import one_thread, make_text_run, tiny_model
+from helpers_downstream import make_text_run, one_thread, tiny_model
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 

@@ -148,3 +148,9 @@ def test_unmask_model_ar_checkpoint(tmp_path):
     assert got[0][0] == pytest.approx(want, abs=1e-5)
     (text,) = lm.generate_until([Req(("the cat", {"until": ["\n"], "max_gen_toks": 5}), 0)], disable_tqdm=True)
     assert isinstance(text, str)
+
+
+def test_unknown_model_arg_is_an_error(run_dir):
+    import eval.lm_eval_model as m
+    with pytest.raises(ValueError, match="mc_sample"):
+        m.UnmaskLM(ckpt=str(run_dir), device="cpu", mc_sample=3)

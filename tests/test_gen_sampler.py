@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from eval.sample import generate, left_pad, render, strip_after_eos, topk_mask, transfer_schedule
-from helpers_downstream import one_thread, masks_per_step, seeded, tiny_model
+from eval.sample import generate, generate_many, left_pad, render, strip_after_eos, topk_mask, transfer_schedule
+from helpers_downstream import masks_per_step, one_thread, seeded, tiny_model
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -78,6 +78,20 @@ def test_batched_prompts_equal_one_at_a_time(model):
     for i, p in enumerate(prompts):
         single = generate(model, torch.tensor([p]), **kw)[:, -8:]
         assert torch.equal(batched[i], single[0]), i
+
+
+def test_generate_many_buckets_by_length_and_keeps_order(model):
+    prompts = [[3] * 20, [4, 5, 11], [6] * 19, [7, 8, 9], [10, 12, 13]]
+    kw = dict(mask_id=MASK, gen_length=4, steps=4, temperature=0.0, pad_id=EOS)
+    calls = []
+
+    def spy(g):
+        calls.append(g.shape[0])
+        return torch.zeros(g.shape[0], dtype=torch.bool)
+    got = generate_many(model, prompts, batch_size=8, stop_fn=spy, block_length=2, **kw)
+    assert sorted(calls) == [2, 3]  # rows of 24/23 together, the three of 7 together (no row padded by > 10%)
+    for p, g in zip(prompts, got):
+        assert g == generate(model, [p], block_length=2, **kw)[0, -4:].tolist()
 
 
 def test_topk_mask_matches_per_row_loop():

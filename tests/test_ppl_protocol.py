@@ -79,7 +79,7 @@ def test_wrap_block_count_and_content():
     b = tokenize_and_wrap(docs, CharTok(), seq_len=6)
     assert b.n_blocks == 2 and b.tokens == [stream[:6], stream[6:12]] and b.covered_bytes == 12
     # MDLM's released code put an EOS after every document: 20 ids -> 5 blocks
-    blocks, content = wrap([[ord(c) for c in d] for d in docs], 6, bos_id=1, eos_id=2, doc_eos=True)
+    blocks, _ = wrap([[ord(c) for c in d] for d in docs], 6, bos_id=1, eos_id=2, doc_eos=True)
     assert len(blocks) == 5 and blocks[1] == [1, ord("e"), 2, ord("f"), ord("g"), 2]
 
 
