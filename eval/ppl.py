@@ -113,7 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=1, help="Monte Carlo samples K per block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="rows (block x sample) per forward pass")
-    p.add_argument("--seq-len", type=int, default=1024, help="block length including BOS and EOS")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="block length including BOS and EOS (default: the protocol's 1024, or the model's "
+                        "max_seq_len when that is shorter)")
     p.add_argument("--eps", type=float, default=None, help="t = (1-eps) u + eps for mdlm/t (default: the run's)")
     p.add_argument("--group", type=int, default=32, help="mdlm: blocks sharing one antithetic set of t")
     p.add_argument("--no-specials", action="store_true", help="plain blocks without BOS/EOS")
@@ -149,8 +151,14 @@ def main(argv=None) -> tuple[list[dict], list[str]]:
         if (m == "ar") != loaded.is_ar:
             raise SystemExit(f"--method {m} does not fit this checkpoint (objective "
                              f"{loaded.cfg.diffusion.objective}): use " + ("ar" if loaded.is_ar else "mdlm, t or count"))
+    if args.seq_len is None:
+        args.seq_len = min(1024, model.cfg.max_seq_len)
+        if args.seq_len < 1024:
+            say(f"note: the model was trained with max_seq_len {args.seq_len}; blocks are {args.seq_len} tokens, "
+                "not the protocol's 1024 (numbers are not comparable with published 1024-token results)")
     if args.seq_len > model.cfg.max_seq_len:
-        raise SystemExit(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+        raise SystemExit(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}: "
+                         f"pass --seq-len {model.cfg.max_seq_len} or less")
     if args.samples < 1:
         raise SystemExit("--samples must be >= 1")
     eps = loaded.cfg.diffusion.eps if args.eps is None else args.eps
