@@ -57,7 +57,7 @@ def corpus(tmp: Path) -> tuple[list[Path], str]:
 
 def docs_of(files: list[Path]) -> list[str]:
     from data.inputs import InputSpec, iter_documents
-    return list(iter_documents(InputSpec(files=[str(f) for f in files], doc_split="paragraph")))
+    return list(iter_documents(InputSpec(inputs=[str(f) for f in files], doc_split="paragraph")))
 
 
 def mb_per_s(nbytes: int, seconds: float) -> float:

@@ -32,7 +32,7 @@ _WIKI_TITLE = re.compile(r"^ = [^=].* = $")
 
 @dataclass
 class InputSpec:
-    files: list[str] = field(default_factory=list)  # paths, globs or folders
+    inputs: list[str] = field(default_factory=list)  # paths, globs or folders
     hf_dataset: str = ""
     hf_config: str = ""
     split: str = "train"
@@ -286,7 +286,7 @@ def iter_documents(spec: InputSpec, files: Optional[list[Path]] = None) -> Itera
             rows = _hub_rows(spec)
             yield from (_group_wikitext(rows) if spec.doc_split == "wikitext" else rows)
             return
-        for path in (files if files is not None else expand_files(spec.files)):
+        for path in (files if files is not None else expand_files(spec.inputs)):
             fmt, gz = _kind(path)
             if fmt == "text":
                 yield from _text_docs(path, gz, spec, decode)

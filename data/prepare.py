@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -40,17 +41,9 @@ STATE_FILE = "state.json"
 
 
 @dataclass
-class PrepareJob:
-    """Everything that determines the prepared tokens (worker count and progress display do not)."""
-    inputs: list[str] = field(default_factory=list)
-    hf_dataset: str = ""
-    hf_config: str = ""
-    split: str = "train"
-    streaming: bool = True
-    text_field: str = "text"
-    doc_split: str = "paragraph"
-    on_decode_error: str = "strict"
-    max_docs: int = 0
+class PrepareJob(InputSpec):
+    """Everything that determines the prepared tokens (worker count and progress display do not): where the
+    text comes from (InputSpec) and how it becomes token ids."""
     tokenizer: str = "bpe"
     vocab_size: int = 8192
     bpe_sample_bytes: int = 1 << 30  # the BPE is trained on the first this-many bytes of documents
@@ -60,9 +53,7 @@ class PrepareJob:
     writer: str = "native"  # or megatron-core (byte-identical output, through its IndexedDatasetBuilder)
 
     def input_spec(self) -> InputSpec:
-        return InputSpec(files=list(self.inputs), hf_dataset=self.hf_dataset, hf_config=self.hf_config,
-                         split=self.split, streaming=self.streaming, text_field=self.text_field,
-                         doc_split=self.doc_split, on_decode_error=self.on_decode_error, max_docs=self.max_docs)
+        return InputSpec(**{f.name: copy.copy(getattr(self, f.name)) for f in fields(InputSpec)})
 
     def settings(self) -> dict:
         d = asdict(self)
@@ -75,11 +66,7 @@ class PrepareJob:
     @classmethod
     def from_config(cls, pc) -> "PrepareJob":
         """From pretrain.config.PrepareConfig."""
-        return cls(inputs=list(pc.inputs), hf_dataset=pc.hf_dataset, hf_config=pc.hf_config, split=pc.split,
-                   streaming=pc.streaming, text_field=pc.text_field, doc_split=pc.doc_split,
-                   on_decode_error=pc.on_decode_error, max_docs=pc.max_docs, tokenizer=pc.tokenizer,
-                   vocab_size=pc.vocab_size, bpe_sample_bytes=pc.bpe_sample_bytes, mask_token=pc.mask_token,
-                   eos_token=pc.eos_token, shard_tokens=pc.shard_tokens, writer=pc.writer)
+        return cls(**{f.name: copy.copy(getattr(pc, f.name)) for f in fields(cls)})
 
 
 # ----------------------------------------------------------------------------- staging helpers
@@ -208,7 +195,7 @@ def prepare(job: PrepareJob, out, workers: int = 1, progress: bool = True, chunk
     if job.shard_tokens <= 0:
         raise DataError(f"shard_tokens must be positive, got {job.shard_tokens}")
     spec = job.input_spec()
-    files = expand_files(spec.files) if not job.hf_dataset else None  # missing inputs fail before any write
+    files = expand_files(spec.inputs) if not job.hf_dataset else None  # missing inputs fail before any write
     inputs_state = files_state(files) if files is not None else None
     if job.writer == "megatron-core":
         from .megatron import _megatron_core

@@ -54,7 +54,7 @@ def _extra_valid(path_str: str, tok, doc_split: str, L: int, fingerprint: str):
                             f"training data with {fingerprint}: prepare it with the training data's tokenizer.json")
         stream = TokenStream(ds.shards, ds.doc_runs(0, ds.num_docs))
     else:
-        docs = list(iter_documents(InputSpec(files=[str(path)], doc_split=doc_split), files=[path]))
+        docs = list(iter_documents(InputSpec(inputs=[str(path)], doc_split=doc_split), files=[path]))
         if not docs:
             raise DataError(f"data.extra_valid file {path_str} holds no text")
         flat, lengths = DocumentEncoder(tok.tok.to_str(), tok.eos_id).encode_docs(docs)

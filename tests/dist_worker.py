@@ -10,7 +10,6 @@ so any layout must reproduce the reference up to floating-point reduction order.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path

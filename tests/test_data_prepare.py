@@ -45,13 +45,13 @@ def _decoded_docs(folder):
 def test_text_document_splits(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text(TEXT)
-    docs = lambda mode: list(iter_documents(InputSpec(files=[str(f)], doc_split=mode)))
+    docs = lambda mode: list(iter_documents(InputSpec(inputs=[str(f)], doc_split=mode)))
     assert docs("paragraph") == PARAGRAPHS
     assert docs("file") == [TEXT]
     assert docs("line") == [l + "\n" for l in TEXT.split("\n") if l.strip()]
     w = tmp_path / "w.tokens"
     w.write_text(" \n = Alpha = \n \n text a \n = = Sub = = \n more \n = Beta = \n text b \n")
-    got = list(iter_documents(InputSpec(files=[str(w)], doc_split="wikitext")))
+    got = list(iter_documents(InputSpec(inputs=[str(w)], doc_split="wikitext")))
     # The blank line before the first title is a whitespace-only "document" of its own, hence skipped.
     assert got == [" = Alpha = \n \n text a \n = = Sub = = \n more \n", " = Beta = \n text b \n"]
 
