@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -26,6 +27,10 @@ PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 MASK_CANDIDATES = ("<|mask|>", "<|mdm_mask|>", "[MASK]", "<mask>")
 # The pre-tokenization regex of GPT-2's byte-level BPE (what `pre_tokenizers.ByteLevel(use_regex=True)` applies).
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The same split for pure-ASCII text, where letters, digits and (Unicode) white space are exactly these classes:
+# the standard library's `re` runs it about 3x faster than `regex` runs the \p{...} pattern, and most
+# training text is ASCII.
+GPT2_SPLIT_ASCII = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
 
 
 class TextTokenizer:
@@ -269,13 +274,18 @@ class DocumentEncoder:
         if fast and _word_cache_applies(self.tok):
             try:
                 import regex
-                self.split = regex.compile(GPT2_SPLIT).findall
+                self._split_unicode = regex.compile(GPT2_SPLIT).findall
+                self._split_ascii = re.compile(GPT2_SPLIT_ASCII, re.ASCII).findall
+                self.split = self._split_gpt2
             except ImportError:  # the `regex` module (for \p{L}) is optional: fall back to tokenizers alone
                 self.split = None
 
     @property
     def fast(self) -> bool:
         return self.split is not None
+
+    def _split_gpt2(self, text: str) -> list[str]:
+        return self._split_ascii(text) if text.isascii() else self._split_unicode(text)
 
     def _pieces(self, texts: list[str]) -> list[list[str]]:
         pieces = [self.split(t) for t in texts]

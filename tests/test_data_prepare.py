@@ -113,7 +113,10 @@ def test_large_vocab_uses_4_byte_ids(tmp_path):
 
 def test_fast_encoder_matches_tokenizers(tmp_path):
     """The word-cache encoder must give exactly `tokenizers`' ids."""
-    texts = [TEXT, "  leading spaces\n\n\n trailing   \n", "'s 've 'LL 'd don't", "a<|mask|>b", "x" * 500, ""]
+    texts = [TEXT, "  leading spaces\n\n\n trailing   \n", "'s 've 'LL 'd don't", "a<|mask|>b", "x" * 500, "",
+             # ASCII text takes a faster split than the rest: control characters that are not white space,
+             # vertical tab / form feed, and non-ASCII letters, digits and spaces on the other path
+             "a\x1cb \x1f c\x0bd\x0c  e\t\tf 12ab3 ;;x !", "café naïve ½ ٣ x\u00a0y\u2003z Ünïcödé's"]
     if SHARED.is_dir():
         for rel in ("wikitext-2/wiki.valid.tokens", "wikitext-2-raw/wiki.test.raw", "lambada/lambada_test.jsonl"):
             if (SHARED / rel).is_file():
