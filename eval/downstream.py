@@ -166,9 +166,7 @@ def main(argv=None) -> int:
             "num_fewshot": args.num_fewshot, "mc_samples": args.mc_samples, "stderr_tol": args.stderr_tol,
             "cfg_scale": args.cfg_scale, "limit": args.limit, "seed": args.seed, "data_dir": args.data_dir,
             "tasks": names, "lm_eval_version": version("lm_eval"), "seconds": seconds, "model_args": extra}
-    ckpt = Path(args.ckpt)
-    run_dir = ckpt if (ckpt / "config.yaml").is_file() else lm.run.path.parent
-    dest = Path(args.output) if args.output else run_dir / "downstream"
+    dest = Path(args.output) if args.output else lm.run.run_dir / "downstream"
     dest.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "results": out["results"], "n-samples": out.get("n-samples"),
                "versions": out.get("versions"), "configs": out.get("configs")}

@@ -22,7 +22,8 @@ class Loaded:
     cfg: Config
     tokenizer: Any  # encode / decode / mask_id / eos_id / bos_id / vocab_size
     step: Optional[int]
-    path: Path
+    path: Path  # the checkpoint folder or .safetensors file the weights came from
+    run_dir: Path  # where its config.yaml and tokenizer live; evaluation results go here
 
     @property
     def is_ar(self) -> bool:
@@ -67,4 +68,4 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32) -> Loaded:
         load_model_weights(weights, model)
         step = read_trainer_state(weights)["step"]
     model.to(device=device, dtype=dtype).eval()
-    return Loaded(model, cfg, load_run_tokenizer(run_dir, cfg), step, weights)
+    return Loaded(model, cfg, load_run_tokenizer(run_dir, cfg), step, weights, run_dir)

@@ -134,7 +134,7 @@ def main(argv=None) -> tuple[list[dict], list[str]]:
     """Returns (result rows, names of datasets that could not be evaluated)."""
     args = parse_args(argv)
     from pretrain.parallel import init_distributed
-    from .load import _find, load
+    from .load import load
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,7 +143,7 @@ def main(argv=None) -> tuple[list[dict], list[str]]:
     loaded = load(args.ckpt, device=device)
     model, tok = loaded.model, loaded.tokenizer
     mask_id = loaded.cfg.model.mask_id
-    run_dir = _find(Path(args.ckpt))[0]
+    run_dir = loaded.run_dir
     methods = [m.strip() for m in (args.method or ("ar" if loaded.is_ar else "mdlm")).split(",") if m.strip()]
     for m in methods:
         if m not in METHODS:
