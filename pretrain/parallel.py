@@ -50,13 +50,13 @@ class ParallelDims:
         if dp_shard < 1:
             raise ValueError(f"parallel.dp_shard={dp_shard} must be >= 1 (or -1: whatever the world size leaves)")
         dims = cls(pcfg.dp_replicate, dp_shard, pcfg.tp, world_size)
-        if pcfg.tp > 1 and getattr(pcfg, "compile", False):
+        if pcfg.tp > 1 and pcfg.compile:
             # Checked on torch 2.13 (CPU): compiled blocks holding DTensor TP layers fail in backward
             # ("'Tensor' object has no attribute '_local_tensor'" in Redistribute.backward). Refuse up front.
             raise ValueError("parallel.compile=true with parallel.tp > 1 is not supported (torch 2.13 fails in the "
                              "backward of compiled tensor-parallel blocks); compile with data parallelism only, or "
                              "use tp without compile")
-        if pcfg.tp > 1 and getattr(pcfg, "engine", "native") == "deepspeed":
+        if pcfg.tp > 1 and pcfg.engine == "deepspeed":
             raise ValueError("parallel.engine=deepspeed runs ZeRO data parallelism only: set parallel.tp=1")
         if dims.dp_replicate * dims.dp_shard * dims.tp != world_size:
             raise ValueError(f"parallel.dp_replicate={dims.dp_replicate} x parallel.dp_shard={dims.dp_shard} x "
