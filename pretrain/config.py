@@ -126,7 +126,7 @@ class LoggingConfig:
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     project: str = "unmask"
     progress_bar: bool = True
-    plot: bool = True  # write runs/<name>/loss.png (loss curves, learning rate) when a run ends; needs matplotlib
+    plot: bool = True  # write runs/<name>/loss.png (loss curves, learning rate) when a run ends
 
 
 @dataclass

@@ -20,6 +20,7 @@ from .engine import build_engine
 from .flops import peak_flops
 from .lr import lr_at
 from .metrics import MetricLogger
+from .plot import plot_runs
 from .parallel import (ParallelDims, build_mesh, cpu_group, dp_coordinates, init_distributed, init_weights,
                        local_loss, loss_scope, parallelize, sequence_length)
 from .preemption import Preemption
@@ -89,16 +90,6 @@ def evaluate(model, cfg: Config, source, *, dp_rank: int, dp_size: int, micro: i
             total += loss.float() * len(r) / len(rows)
     model.train()
     return float(all_reduce_mean(total / batches))
-
-
-def write_plot(run_dir: Path, say) -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        say("loss curves: pip install matplotlib for runs/<name>/loss.png (or python -m pretrain.plot later)")
-        return
-    from .plot import plot_runs
-    say(f"loss curves: {plot_runs([run_dir], run_dir / 'loss.png')}")
 
 
 def train(cfg: Config) -> dict:
@@ -227,7 +218,8 @@ def train(cfg: Config) -> dict:
                 if data.true_entropy is not None else ""
             write(f"step {step:>6} | " + " | ".join(f"{k} loss {v:.4f} (ppl <= {math.exp(min(v, 50)):.2f})"
                                                     for k, v in vals.items()) + gap)
-            log.log({"step": step, **{f"val/{k}": v for k, v in vals.items()}, "true_entropy": data.true_entropy})
+            oracle = {"true_entropy": data.true_entropy} if data.true_entropy is not None else {}
+            log.log({"step": step, **{f"val/{k}": v for k, v in vals.items()}, **oracle})
             window_t = time.perf_counter()
         preempted = preemption.requested()
         stop_now = (cfg.train.stop_after and ran >= cfg.train.stop_after) or preempted
@@ -252,7 +244,7 @@ def train(cfg: Config) -> dict:
         samples = sample_and_show(model, cfg, data, device, autocast, say)
     log.close()
     if rank == 0 and cfg.logging.plot:
-        write_plot(run_dir, say)
+        say(f"loss curves: {plot_runs([run_dir], run_dir / 'loss.png')}")
     return {"step": step, "val_loss": val_loss, "true_entropy": data.true_entropy, "run_dir": str(run_dir),
             "samples": samples, "preempted": preempted}
 
