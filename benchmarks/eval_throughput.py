@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.likelihood import conditional_loglikelihood  # noqa: E402
-from eval.sample import generate, generate_many  # noqa: E402
+from model.sample import generate, generate_many  # noqa: E402
 from model import Transformer  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 

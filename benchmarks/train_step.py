@@ -32,9 +32,12 @@ class FullHead(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, doc_ids=None, key_padding=None, logits_at=None):
+    def forward(self, tokens, doc_ids=None, key_padding=None, logits_at=None, targets=None, ce_chunk=0):
         logits = self.model(tokens, doc_ids, key_padding)
-        return logits[logits_at] if logits_at is not None else logits
+        logits = logits[logits_at] if logits_at is not None else logits
+        if targets is None:
+            return logits
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def main() -> None:

@@ -1,4 +1,9 @@
-"""Corpora to batches: the built-in synthetic language, prepared token shards, and the stateless loader."""
+"""Corpora to batches: the built-in synthetic language, prepared token shards, and the stateless loader.
+
+Modules import one way, bottom up: errors (DataError, paths, hub check); tokenizer, megatron, source, loader;
+inputs, shards, synthetic; prepare, prepared, blend; this file (which dispatches on the data kind)."""
+from pathlib import Path
+
 from .loader import Loader, permute
 from .source import DataBundle, SampleSource
 
@@ -14,4 +19,17 @@ def build_data(cfg, seed: int) -> DataBundle:
     raise ValueError(f"unknown data.kind {cfg.kind!r}; choices: synthetic, prepared")
 
 
-__all__ = ["DataBundle", "Loader", "SampleSource", "build_data", "permute"]
+def load_run_tokenizer(run_dir, cfg):
+    """The tokenizer a run trained with: its saved copy, or the synthetic language rebuilt from the config."""
+    from .tokenizer import SymbolTokenizer, TextTokenizer
+    run_dir = Path(run_dir)
+    if (run_dir / "tokenizer.json").is_file():
+        return TextTokenizer.load(run_dir)
+    if cfg.data.kind == "synthetic":
+        from .synthetic import MarkovLanguage
+        s = cfg.data.synthetic
+        return SymbolTokenizer(MarkovLanguage(s.num_symbols, s.branching, s.concentration, s.seed))
+    raise FileNotFoundError(f"{run_dir} has no tokenizer.json; it is needed to tokenize evaluation text")
+
+
+__all__ = ["DataBundle", "Loader", "SampleSource", "build_data", "load_run_tokenizer", "permute"]

@@ -15,15 +15,13 @@ import glob
 import gzip
 import io
 import json
-import os
 import re
-import socket
-import threading
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .shards import REPO_ROOT, DataError, resolve_path
+from .errors import OFFLINE_HINT, REPO_ROOT, DataError, check_hub, hub_unreachable, resolve_path  # noqa: F401
 
 STRUCTURED = {".jsonl", ".json", ".parquet"}
 DOC_SPLITS = ("paragraph", "line", "file", "wikitext")
@@ -41,6 +39,8 @@ class InputSpec:
     doc_split: str = "paragraph"
     on_decode_error: str = "strict"  # or "replace" (U+FFFD for invalid bytes)
     max_docs: int = 0  # 0: all
+    strip_gutenberg: bool = False  # text files: keep only the lines between `*** START OF` and `*** END OF`
+    # (files without both markers are skipped with a warning)
 
 
 def _kind(path: Path) -> tuple[str, bool]:
@@ -84,47 +84,22 @@ def files_state(files: list[Path]) -> list[list]:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def hub_unreachable(timeout: float = 5.0) -> Optional[str]:
-    """Why the Hugging Face Hub cannot be reached right now, or None. Fast: probes the endpoint with a short
-    timeout (the hub clients themselves retry for tens of seconds before giving up)."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    m = re.match(r"^(\w+)://([^/:]+)(?::(\d+))?", endpoint)
-    host = m.group(2) if m else "huggingface.co"
-    port = int(m.group(3)) if m and m.group(3) else (80 if m and m.group(1) == "http" else 443)
-    result: list = []
-
-    def probe():  # name resolution has no timeout of its own: run it where we can stop waiting
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(None)
-        except OSError as e:
-            result.append(f"cannot connect to {host}:{port} ({e})")
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 1)
-    if not result:
-        return f"no answer from {host}:{port} within {timeout:.0f} s"
-    return result[0]
-
-
-OFFLINE_HINT = ("this machine has no network access to the Hugging Face Hub. Use a recipe with local files "
-                "(configs/shakespeare.yaml), prepare from local files with `python -m data.prepare --input ...`, "
-                "or, with the files already in the HF cache, set HF_HUB_OFFLINE=1")
-
-
 class _Decoder:
     def __init__(self, on_error: str):
         if on_error not in ("strict", "replace"):
             raise ValueError(f"on_decode_error must be strict or replace, got {on_error!r}")
         self.on_error = on_error
+        self.replaced: dict[str, int] = {}  # where -> invalid sequences replaced (on_error=replace), reported
 
     def __call__(self, data: bytes, where: str, offset: int, line: Optional[int] = None) -> str:
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:
             if self.on_error == "replace":
-                return data.decode("utf-8", errors="replace")
+                text = data.decode("utf-8", errors="replace")
+                n = text.count("\ufffd") - data.count(b"\xef\xbf\xbd")  # minus genuine U+FFFD in the input
+                self.replaced[where] = self.replaced.get(where, 0) + n
+                return text
             at = f" (line {line})" if line is not None else ""
             raise DataError(f"{where}: invalid UTF-8 at byte offset {offset + e.start}{at}: {e.reason} "
                             f"{data[e.start:e.end]!r}. Fix the file, or replace invalid bytes with U+FFFD by "
@@ -155,12 +130,39 @@ def _group_wikitext(lines: Iterator[str]) -> Iterator[str]:
         yield "".join(buf)
 
 
+_GUTENBERG_START, _GUTENBERG_END = re.compile(r"^\*\*\* ?START OF"), re.compile(r"^\*\*\* ?END OF")
+
+
+def strip_gutenberg(text: str) -> Optional[str]:
+    """The book without Project Gutenberg's header and licence: the lines strictly between the `*** START OF`
+    and `*** END OF` marker lines; None when the text lacks either marker (old 1990s files use a free-form
+    "small print" instead, which no fixed rule cuts reliably)."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if _GUTENBERG_START.match(ln)), None)
+    end = next((i for i in range(len(lines) - 1, -1, -1) if _GUTENBERG_END.match(lines[i])), None)
+    if start is None or end is None or end <= start:
+        return None
+    return "".join(lines[start + 1:end])
+
+
 def _text_docs(path: Path, gz: bool, spec: InputSpec, decode: _Decoder) -> Iterator[str]:
-    if spec.doc_split == "file":
+    if spec.strip_gutenberg:  # cut the whole file first, then split the book as usual
+        with _open_binary(path, gz) as f:
+            text = strip_gutenberg(decode(f.read(), str(path), 0))
+        if text is None:  # skipped, loudly: its licence text must not leak into the training data
+            print(f"strip_gutenberg: skipping {path}: no '*** START OF' ... '*** END OF' marker lines",
+                  file=sys.stderr)
+            return
+        if spec.doc_split == "file":
+            yield text
+            return
+        lines: Iterator[str] = iter(text.splitlines(keepends=True))
+    elif spec.doc_split == "file":
         with _open_binary(path, gz) as f:
             yield decode(f.read(), str(path), 0)
         return
-    lines = _lines(path, gz, decode)
+    else:
+        lines = _lines(path, gz, decode)
     if spec.doc_split == "line":
         yield from lines
     elif spec.doc_split == "wikitext":
@@ -242,25 +244,6 @@ def _records(path: Path, fmt: str, gz: bool, spec: InputSpec, decode: _Decoder) 
         raise AssertionError(fmt)
 
 
-def _offline_flag() -> Optional[str]:
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return var
-    return None
-
-
-def check_hub(what: str) -> Optional[str]:
-    """Fail fast when the hub is unreachable. Returns the offline flag's name when the user asked for cache-only
-    access (then the hub clients themselves fail fast)."""
-    flag = _offline_flag()
-    if flag:
-        return flag
-    reason = hub_unreachable()
-    if reason is not None:
-        raise DataError(f"cannot load {what}: {reason}; {OFFLINE_HINT}")
-    return None
-
-
 def _hub_rows(spec: InputSpec) -> Iterator[str]:
     flag = check_hub(f"hub dataset {spec.hf_dataset!r}")
     import datasets
@@ -295,12 +278,17 @@ def iter_documents(spec: InputSpec, files: Optional[list[Path]] = None) -> Itera
                 yield from (_group_wikitext(recs) if spec.doc_split == "wikitext" else recs)
 
     n = 0
-    for doc in raw():
-        if doc.strip():
-            yield doc
-            n += 1
-            if spec.max_docs and n >= spec.max_docs:
-                return
+    try:
+        for doc in raw():
+            if doc.strip():
+                yield doc
+                n += 1
+                if spec.max_docs and n >= spec.max_docs:
+                    return
+    finally:
+        for where, count in decode.replaced.items():  # the replace policy counts what it changed, per file
+            print(f"warning: {where}: {count} invalid UTF-8 sequence(s) replaced with U+FFFD "
+                  f"(on_decode_error=replace)", file=sys.stderr)
 
 
 def describe(spec: InputSpec, files: Optional[list[Path]]) -> dict:

@@ -216,8 +216,11 @@ class IndexedShard:
         self.seq_pointers = mm[off:off + 8 * n_seq].view(np.int64)
         off += 8 * n_seq
         self.doc_indices = mm[off:off + 8 * n_doc].view(np.int64)
-        self._tokens = (np.memmap(bin_path, mode="r", dtype=self.dtype) if bin_path.stat().st_size
-                        else np.zeros(0, self.dtype))
+        bin_size = bin_path.stat().st_size
+        if bin_size % self.dtype.itemsize:  # cut mid-token: numpy would refuse the map with a bare ValueError
+            raise FormatError(f"{bin_path} holds {bin_size} bytes, not a whole number of {self.dtype} tokens: "
+                              f"the pair is truncated or mismatched")
+        self._tokens = np.memmap(bin_path, mode="r", dtype=self.dtype) if bin_size else np.zeros(0, self.dtype)
 
     def _open_megatron_core(self) -> None:
         import logging

@@ -14,6 +14,11 @@ under a temporary name and renamed when whole, then recorded in OUT.partial/stat
 (Ctrl-C, a killed job) is resumed by running the same command again: finished shards are kept, the unfinished
 one is redone. An input problem (missing file, invalid UTF-8, empty corpus) removes the staging folder and
 writes nothing. `--megatron` registers existing Megatron-LM data without copying it.
+
+Input cleaning: `--strip-gutenberg` (data.prepare.strip_gutenberg) keeps only the lines between a Project
+Gutenberg book's `*** START OF ...` and `*** END OF ...` marker lines, dropping its header and licence; a file
+without both markers is skipped with a warning. E.g. `--input "../shared/data/gutenberg/*.txt" --strip-gutenberg
+--doc-split file`: one book = one document, so a validation split holds out whole books.
 """
 from __future__ import annotations
 
@@ -58,6 +63,8 @@ class PrepareJob(InputSpec):
     def settings(self) -> dict:
         d = asdict(self)
         d.pop("writer")  # both writers produce the same bytes
+        if not d.get("strip_gutenberg"):
+            d.pop("strip_gutenberg", None)  # off: folders prepared before the option existed stay valid
         if self.tokenizer != "bpe":
             d.pop("vocab_size")
             d.pop("bpe_sample_bytes")
@@ -445,6 +452,9 @@ def main(argv=None) -> int:
                     help="what a document is in text files (records are one document each; wikitext groups "
                          "lines or records into articles)")
     ap.add_argument("--max-docs", type=int, default=0, help="stop after this many documents (0: all)")
+    ap.add_argument("--strip-gutenberg", action="store_true",
+                    help="input cleaning for Project Gutenberg books: keep only the text between the '*** START OF' "
+                         "and '*** END OF' marker lines (header and licence dropped); a file without them is refused")
     ap.add_argument("--on-decode-error", default="strict", choices=("strict", "replace"),
                     help="strict: stop at invalid UTF-8, naming file and byte offset; replace: use U+FFFD")
     ap.add_argument("--tokenizer", default="bpe",
@@ -472,7 +482,8 @@ def main(argv=None) -> int:
             return 0
         job = PrepareJob(inputs=a.input, hf_dataset=a.hf_dataset, hf_config=a.hf_config, split=a.split,
                          streaming=not a.no_streaming, text_field=a.text_field, doc_split=a.doc_split,
-                         on_decode_error=a.on_decode_error, max_docs=a.max_docs, tokenizer=a.tokenizer,
+                         on_decode_error=a.on_decode_error, max_docs=a.max_docs,
+                         strip_gutenberg=a.strip_gutenberg, tokenizer=a.tokenizer,
                          vocab_size=a.vocab_size, bpe_sample_bytes=int(a.bpe_sample_mb * 2**20),
                          mask_token=a.mask_token, eos_token=a.eos_token, shard_tokens=a.shard_tokens,
                          writer=a.writer)

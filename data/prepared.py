@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from .blend import BlendedSource
-from .shards import ArrayShard, DataError, PackedSource, PreparedDataset, TokenStream, read_meta, resolve_path
+from .shards import (ArrayShard, DataError, PreparedDataset, TokenStream, framed_source, read_meta,
+                     resolve_path)
 from .source import DataBundle
 
 
@@ -32,14 +33,28 @@ def ensure_prepared(cfg) -> None:
         if not (out / "meta.json").is_file():
             print(f"preparing {out} on first use (python -m data.prepare does the same; later runs reuse it)")
         prepare(job, out, workers=cfg.prepare.workers, progress=True)
+    if distributed and rank != 0:
+        # Wait on the file, not in a collective: preparing a large corpus takes longer than a process group's
+        # timeout (10 minutes for NCCL). Better still, prepare before the job (python -m launch.prepare_data;
+        # the slurm template does).
+        import os
+        import time
+        limit = float(os.environ.get("UNMASK_PREPARE_WAIT_S", 24 * 3600))
+        t0 = time.monotonic()
+        while not (out / "meta.json").is_file():
+            if time.monotonic() - t0 > limit:
+                raise DataError(f"rank {rank} waited {limit:.0f} s for rank 0 to prepare {out}; prepare it before "
+                                f"the job with python -m launch.prepare_data --config ... (or raise "
+                                f"UNMASK_PREPARE_WAIT_S)")
+            time.sleep(5)
     if distributed:
         import torch.distributed as dist
-        dist.barrier()
+        dist.barrier()  # everyone past preparation: returns at once
     if rank != 0:
         read_meta(out)
 
 
-def _extra_valid(path_str: str, tok, doc_split: str, L: int, fingerprint: str):
+def _extra_valid(path_str: str, tok, doc_split: str, L: int, fingerprint: str, framing: str = "packed"):
     """A validation source from a text file (tokenized now with the data's tokenizer), or a prepared folder."""
     from .inputs import InputSpec, iter_documents
     from .tokenizer import DocumentEncoder
@@ -60,7 +75,7 @@ def _extra_valid(path_str: str, tok, doc_split: str, L: int, fingerprint: str):
         flat, lengths = DocumentEncoder(tok.tok.to_str(), tok.eos_id).encode_docs(docs)
         shard = ArrayShard(flat.astype(np.int64), lengths)
         stream = TokenStream([shard], [(0, 0, shard.num_tokens)])
-    src = PackedSource(stream, L, name=path.name)
+    src = framed_source(stream, L, framing, tok, name=path.name)
     if src.num_samples == 0:
         raise DataError(f"data.extra_valid {path_str} has {stream.num_tokens} tokens, fewer than one sequence of "
                         f"data.seq_len={L}")
@@ -94,18 +109,19 @@ def build_prepared(cfg, seed: int) -> DataBundle:
                             f"blended datasets must share one tokenizer. Prepare it again with "
                             f"--tokenizer {first.folder / 'tokenizer.json'}")
     tok = first.tokenizer
+    framing = getattr(cfg, "framing", "packed")  # wrapped: MDLM's [BOS] + L-2 + [EOS] training blocks
 
     names = [Path(s.path).name for s in cfg.sources]
     trains, valids = [], []
     for name, ds in zip(names, datasets):
         train_stream, valid_stream = ds.split(cfg.valid_fraction)
-        train = PackedSource(train_stream, L, name=name)
+        train = framed_source(train_stream, L, framing, tok, name=name)
         if train.num_samples == 0:
             raise DataError(f"{ds.folder} has {train_stream.num_tokens} training tokens, fewer than one sequence "
                             f"of data.seq_len={L}")
         trains.append(train)
         if cfg.valid_fraction > 0:
-            valid = PackedSource(valid_stream, L, name=name + " (held out)")
+            valid = framed_source(valid_stream, L, framing, tok, name=name + " (held out)")
             if valid.num_samples == 0:
                 raise DataError(f"data.valid_fraction={cfg.valid_fraction} holds out {valid_stream.num_tokens} tokens "
                                 f"of {ds.folder}, fewer than one sequence of {L}: raise it")
@@ -115,6 +131,9 @@ def build_prepared(cfg, seed: int) -> DataBundle:
         train_src = trains[0]
     else:
         train_src = BlendedSource(trains, weights, seed, names=names)
+    if getattr(cfg, "unique_tokens", 0):  # data-constrained runs repeat the first U unique tokens (data/repeat.py)
+        from .repeat import cap_unique_tokens
+        train_src = cap_unique_tokens(train_src, cfg.unique_tokens, seed)
 
     valid: dict = {}
     if valids:
@@ -122,7 +141,7 @@ def build_prepared(cfg, seed: int) -> DataBundle:
         valid["valid"] = valids[0] if len(valids) == 1 else BlendedSource(valids, weights, 0, names=names)
     for path_str in cfg.extra_valid:
         valid[_valid_name(path_str, set(valid))] = _extra_valid(path_str, tok, cfg.extra_valid_doc_split, L,
-                                                                first.fingerprint)
+                                                                first.fingerprint, framing)
     if not valid:
         raise DataError("no validation data: set data.valid_fraction > 0 or list text files in data.extra_valid")
 
@@ -131,8 +150,11 @@ def build_prepared(cfg, seed: int) -> DataBundle:
     for name, ds, tr, w in zip(names, datasets, trains, weights):
         parts.append(f"{name}: {ds.num_tokens:,} tokens in {ds.num_docs:,} docs -> {tr.num_samples:,} train "
                      f"samples" + (f", weight {w:g}" if len(datasets) > 1 else ""))
-    desc = (f"prepared data, {total:,} tokens ({'; '.join(parts)}); seq_len {L}, documents packed with EOS and "
-            f"a document mask; validation: " + ", ".join(
+    if getattr(cfg, "unique_tokens", 0):
+        parts.append(f"training capped at {train_src.num_samples * L:,} unique tokens, repeated")
+    desc = (f"prepared data, {total:,} tokens ({'; '.join(parts)}); seq_len {L}, documents packed with EOS "
+            + ("into [BOS] + L-2 + [EOS] blocks (wrapped)" if framing == "wrapped" else "and a document mask")
+            + "; validation: " + ", ".join(
                 f"{k} {v.num_samples:,}" if v.num_samples is not None else f"{k} (blend)" for k, v in valid.items())
             + f" samples; tokenizer {first.meta['tokenizer'].get('spec', '?')} ({tok.vocab_size} ids, "
             f"mask {tok.mask_id}, eos {tok.eos_id}, fingerprint {tok.fingerprint})")
@@ -141,5 +163,6 @@ def build_prepared(cfg, seed: int) -> DataBundle:
         decode=tok.decode, encode=tok.encode, description=desc,
         info={"tokenizer": tok, "fingerprint": tok.fingerprint,
               "sources": [{"path": str(ds.folder), "tokens": ds.num_tokens, "docs": ds.num_docs,
-                           "train_samples": tr.num_samples} for ds, tr in zip(datasets, trains)]},
+                           "train_samples": tr.num_samples} for ds, tr in zip(datasets, trains)],
+              "train_samples": train_src.num_samples},
     )

@@ -18,30 +18,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .errors import REPO_ROOT, DataError, resolve_path  # noqa: F401  (re-exported: data.shards.DataError)
 from .megatron import FormatError, IndexedShard
 
 META_FILE = "meta.json"
 FORMAT_NAME = "unmask-prepared"
 FORMAT_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class DataError(ValueError):
-    """A data problem the user must fix (missing or inconsistent files, empty corpus, ...): message says how."""
-
-
-def resolve_path(path: str | Path, must_exist: bool = False) -> Path:
-    """A relative path is taken from the working directory, or else from the repository root (so recipes that
-    name ../shared/... work from either)."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    alt = REPO_ROOT / p
-    if alt.exists():
-        return alt
-    if must_exist:
-        raise FileNotFoundError(f"{path} does not exist (looked in {Path.cwd()} and {REPO_ROOT})")
-    return p
 
 
 def read_meta(folder: Path) -> dict:
@@ -134,6 +116,49 @@ class PackedSource:
                 raise IndexError(f"sample {i} outside [0, {self.num_samples}) of {self.name or 'source'}")
             self.stream.read(i * L, (i + 1) * L, tokens[row], docs[row])
         return torch.from_numpy(tokens), torch.from_numpy(docs)
+
+
+class WrappedSource:
+    """MDLM's training blocks over a TokenStream (data.framing=wrapped): sample i = [BOS] + stream[i*C, (i+1)*C)
+    + [EOS] with C = seq_len - 2. The stream already holds an EOS after every document, so a block reads
+    [BOS] doc_a [EOS] doc_b... [EOS], the framing eval.ppl's mdlm protocol scores. BOS and EOS take the document
+    id of their neighbour."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, bos_id: int, eos_id: int, name: str = ""):
+        if seq_len < 3:
+            raise DataError(f"wrapped blocks need seq_len >= 3 ([BOS] + text + [EOS]), got {seq_len}")
+        self.stream, self.seq_len, self.name = stream, seq_len, name
+        self.bos_id, self.eos_id = int(bos_id), int(eos_id)
+        self.content = seq_len - 2
+        self.num_samples = stream.num_tokens // self.content
+        self.dropped_tokens = stream.num_tokens - self.num_samples * self.content
+
+    def get(self, indices: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        L, C = self.seq_len, self.content
+        tokens = np.empty((len(indices), L), dtype=np.int64)
+        docs = np.empty((len(indices), L), dtype=np.int64)
+        for row, i in enumerate(indices):
+            if not 0 <= i < self.num_samples:
+                raise IndexError(f"sample {i} outside [0, {self.num_samples}) of {self.name or 'source'}")
+            self.stream.read(i * C, (i + 1) * C, tokens[row, 1:L - 1], docs[row, 1:L - 1])
+        tokens[:, 0], tokens[:, -1] = self.bos_id, self.eos_id
+        docs[:, 0], docs[:, -1] = docs[:, 1], docs[:, -2]
+        return torch.from_numpy(tokens), torch.from_numpy(docs)
+
+
+def framed_source(stream: TokenStream, seq_len: int, framing: str, tokenizer, name: str = ""):
+    """The training/validation source for data.framing: packed windows, or MDLM's wrapped blocks (BOS falls back
+    to the EOS id, as for GPT-2)."""
+    if framing == "packed":
+        return PackedSource(stream, seq_len, name=name)
+    if framing != "wrapped":
+        raise DataError(f"unknown data.framing {framing!r}; choices: packed, wrapped")
+    eos = getattr(tokenizer, "eos_id", None)
+    bos = getattr(tokenizer, "bos_id", None)
+    bos = eos if bos is None else bos
+    if eos is None:
+        raise DataError("data.framing=wrapped needs a tokenizer with an EOS token (blocks end in [EOS])")
+    return WrappedSource(stream, seq_len, bos, eos, name=name)
 
 
 def holdout_ranges(num_docs: int, fraction: float, stripes: int = 1000) -> list[tuple[int, int]]:

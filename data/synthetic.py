@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .source import DataBundle
+from .tokenizer import SymbolTokenizer
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
@@ -103,7 +104,6 @@ def build_synthetic(cfg, seed: int) -> DataBundle:
     """cfg: DataConfig. The validation stream ignores the training seed so runs compare on one set."""
     s = cfg.synthetic
     lang = MarkovLanguage(s.num_symbols, s.branching, s.concentration, s.seed)
-    from .tokenizer import SymbolTokenizer
     tok = SymbolTokenizer(lang)
     H = lang.entropy_per_token(cfg.seq_len)
     return DataBundle(

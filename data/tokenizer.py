@@ -16,6 +16,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .errors import DataError, check_hub, resolve_path
+
 META_FILE = "tokenizer_meta.json"
 MASK_TOKEN = "<|mask|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -110,7 +112,6 @@ def save_run_tokenizer(tokenizer, run_dir: Path) -> None:
     if (run_dir / "tokenizer.json").is_file() and (run_dir / META_FILE).is_file():
         old = TextTokenizer.load(run_dir)
         if old.fingerprint != tokenizer.fingerprint:
-            from .shards import DataError
             raise DataError(f"{run_dir} was trained with tokenizer {old.fingerprint} but the data's tokenizer is "
                             f"{tokenizer.fingerprint}: its checkpoints would read the ids wrongly. Train under a new "
                             f"train.name, or prepare the data with --tokenizer {run_dir / 'tokenizer.json'}")
@@ -118,22 +119,9 @@ def save_run_tokenizer(tokenizer, run_dir: Path) -> None:
     tokenizer.save(run_dir)
 
 
-def load_run_tokenizer(run_dir: Path, cfg):
-    """The tokenizer a run trained with: its saved copy, or the synthetic language rebuilt from the config."""
-    run_dir = Path(run_dir)
-    if (run_dir / "tokenizer.json").is_file():
-        return TextTokenizer.load(run_dir)
-    if cfg.data.kind == "synthetic":
-        from .synthetic import MarkovLanguage
-        s = cfg.data.synthetic
-        return SymbolTokenizer(MarkovLanguage(s.num_symbols, s.branching, s.concentration, s.seed))
-    raise FileNotFoundError(f"{run_dir} has no tokenizer.json; it is needed to tokenize evaluation text")
-
-
 # ----------------------------------------------------------------------------- building tokenizers
 
 def _tokenizer_error(msg: str):
-    from .shards import DataError
     return DataError(msg)
 
 
@@ -160,7 +148,6 @@ def load_tokenizer_spec(spec: str):
     """A `tokenizers.Tokenizer` from a tokenizer.json path, a folder holding one, or a hub name (fails fast
     with a clear message when the hub is unreachable)."""
     from tokenizers import Tokenizer
-    from .shards import resolve_path
     rp = resolve_path(spec)
     if rp.is_file():
         try:
@@ -168,20 +155,40 @@ def load_tokenizer_spec(spec: str):
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise _tokenizer_error(f"{rp} is not a readable tokenizer.json: {e}") from None
     if rp.is_dir():
-        if not (rp / "tokenizer.json").is_file():
-            raise _tokenizer_error(f"tokenizer folder {rp} has no tokenizer.json (only the `tokenizers` JSON "
-                                   f"format is read; convert slow tokenizers with transformers first)")
-        return Tokenizer.from_file(str(rp / "tokenizer.json"))
+        if (rp / "tokenizer.json").is_file():
+            return Tokenizer.from_file(str(rp / "tokenizer.json"))
+        if (rp / "vocab.json").is_file() and (rp / "merges.txt").is_file():
+            return load_gpt2_folder(rp)
+        raise _tokenizer_error(f"tokenizer folder {rp} has neither tokenizer.json nor the GPT-2 pair vocab.json + "
+                               f"merges.txt (convert other slow tokenizers with transformers first)")
     looks_like_path = spec.endswith(".json") or spec.startswith((".", "/", "~")) or spec.count("/") > 1
     if looks_like_path:  # hub names are "name" or "org/name"
         raise _tokenizer_error(f"tokenizer file {spec} does not exist")
-    from .inputs import check_hub
     flag = check_hub(f"tokenizer {spec!r} from the hub")
     try:
         return Tokenizer.from_pretrained(spec)
     except Exception as e:
         hint = f" ({flag} is set, so only the local HF cache was searched)" if flag else ""
         raise _tokenizer_error(f"cannot load tokenizer {spec!r} from the hub{hint}: {e}") from None
+
+
+def load_gpt2_folder(folder: Path):
+    """A byte-level BPE from the usual GPT-2 files (vocab.json + merges.txt, OpenAI's encoder.json and
+    vocab.bpe), built as GPT-2's fast tokenizer is: GPT-2's regex split, no prefix space, byte-level decoding,
+    and the vocabulary's <|...|> entries (GPT-2: <|endoftext|>) as special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    folder = Path(folder)
+    try:
+        bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise _tokenizer_error(f"{folder}: vocab.json / merges.txt are not a readable GPT-2 BPE: {e}") from None
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = [t for t in vocab if re.fullmatch(r"<\|[^|\s]+\|>", t)]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
 
 
 def with_specials(tok, mask_token: str = MASK_TOKEN, eos_token: str = "") -> TextTokenizer:

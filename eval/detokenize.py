@@ -1,78 +1,83 @@
-"""Detokenizers of the zero-shot perplexity protocol (docs/science.md, section 4).
+"""Detokenizers of the zero-shot perplexity protocol (science.md section 4), rule for rule as the reference code
+(kuleshov-group/mdlm and bd3lms `dataloader.py`) applies them, so the text -- and hence every GPT-2 token --
+equals the reference's. They are applied to each document (hub row) on its own.
 
-Benchmarks such as WikiText and PTB ship pre-tokenized text ("it 's", "3 @.@ 5", "( a )"); a model trained on
-natural text is evaluated on the text a human would write, so each dataset's tokenization is undone before the
-checkpoint's own tokenizer sees it. One function per dataset family, applied per document.
+Some rules look odd (WikiText's `/' [0-9]/` pattern matches almost nothing; PTB's `<unk>` becomes `?` and the
+number token `N` becomes `1`); they are kept because the published numbers were computed with them.
 """
 from __future__ import annotations
 
 import re
 from typing import Callable, Optional
 
-_CONTENT = r"[^\S\n]*"  # spaces/tabs but not newlines: brackets and quotes never span lines
+def _apply(text: str, rules) -> str:
+    """(pattern, replacement) steps in order: a str pattern is a literal replace, a compiled one a regex sub."""
+    for pattern, repl in rules:
+        text = pattern.sub(repl, text) if isinstance(pattern, re.Pattern) else text.replace(pattern, repl)
+    return text
 
 
-def _strip_inside(text: str, left: str, right: str) -> str:
-    """'( a b )' -> '(a b)' for one bracket/quote pair, within a line."""
-    l, r = re.escape(left), re.escape(right)
-    inner = f"[^{l}{r}\\n]*?" if left != right else f"[^{l}\\n]*?"
-    return re.sub(f"{l}{_CONTENT}({inner}){_CONTENT}{r}", lambda m: f"{left}{m.group(1)}{right}", text)
+_WIKITEXT = (
+    ("s '", "s'"),
+    (re.compile(r"/' [0-9]/"), "/'[0-9]/"),  # the reference's literal replacement text
+    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),
+    (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),
+    # spaces inside bracket and quote pairs (\s also matches newlines: documents are single rows)
+    (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"),
+    (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"),
+    (re.compile(r"{\s*([^}]*?)\s*}"), r"{\1}"),
+    (re.compile(r"\"\s*([^\"]*?)\s*\""), r'"\1"'),
+    (re.compile(r"'\s*([^']*?)\s*'"), r"'\1'"),
+    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="),
+    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
+    (" \n", "\n"), ("\n ", "\n"),
+    (" N ", " 1 "),
+    (" 's", "'s"),
+)
 
 
 def wikitext(text: str) -> str:
-    """WikiText (tokenized or raw): undo ' @-@ ' style separators, spaces before punctuation and inside
-    brackets and quotes, split possessives, and '= = heading = =' markers."""
-    # Number and word separators: "3 @.@ 5" -> "3.5", "1 @,@ 000" -> "1,000", "well @-@ known" -> "well-known".
-    for sep in "-,.":
-        text = text.replace(f" @{sep}@ ", sep)
-    # Possessive and plural-possessive apostrophes.
-    text = text.replace(" 's", "'s").replace("s ' ", "s' ")
-    # Punctuation that attaches to the previous word.
-    for p in ",.:;!?":
-        text = text.replace(f" {p} ", f"{p} ")
-    text = re.sub(r" ([,.:;!?])(?=\n|$)", r"\1", text)
-    # Brackets and quotes hug their content.
-    for left, right in ("()", "[]", "{}", '""'):
-        text = _strip_inside(text, left, right)
-    # Section headings: "= = = Title = = =" -> "=== Title ===" (longest first).
-    for n in (4, 3, 2):
-        text = text.replace(" ".join("=" * n), "=" * n)
-    text = text.replace(" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}")
-    # Spaces around line breaks carry nothing.
-    text = re.sub(r"[^\S\n]+\n", "\n", text)
-    return re.sub(r"\n[^\S\n]+", "\n", text)
+    """WikiText-2/103: number separators, punctuation spacing, bracket/quote pairs, heading markers."""
+    return _apply(text, _WIKITEXT)
 
 
 def ptb(text: str) -> str:
-    """Penn Treebank (Mikolov's LM version): rejoin clitics and escaped slashes. '<unk>' and the number token
-    'N' are kept as text: they are what the data holds."""
-    text = text.replace(" 's", "'s").replace("s ' ", "s' ").replace(" n't", "n't")
-    text = text.replace(" \n ", "\n").replace("\\/", "/")
-    return text
+    """Penn Treebank (Mikolov's LM files): contractions, slashes, numbers, and `<unk>` -> `?`."""
+    text = _apply(text, ((" 's", "'s"), ("s ' ", "s' "), (" n't", "n't"), (" \n ", "\n"), ("\\/", "/")))
+    for _ in range(10):  # " N N " needs more than one pass: replacements do not overlap
+        text = text.replace(" N ", " 1 ")
+    return _apply(text, (("$ 1", "$1"), ("# 1", "#1"), ("<unk>", "?")))
 
 
 def lambada(text: str) -> str:
-    """LAMBADA (OpenAI's file): curly quotes to straight ones; a leading newline separates the passages."""
-    for curly, straight in (("\u201c", '"'), ("\u201d", '"'), ("\u2018", "'"), ("\u2019", "'")):
-        text = text.replace(curly, straight)
+    """LAMBADA (OpenAI's file): only the curly double quotes become straight; then a leading newline."""
+    text = text.replace("\u201c", '"').replace("\u201d", '"')
     return "\n" + text.strip()
 
 
+_LM1B = (
+    ("http : / / ", "http://"), ("https : / / ", "https://"),
+    (re.compile(r" \'(\w+)"), r"'\1"),
+    (re.compile(r" (\w+) \. "), r" \1. "),
+    (re.compile(r" (\w+) \.$"), r" \1."),
+    (" ? ", "? "), (re.compile(r" \?$"), "?"),
+    (" ! ", "! "), (re.compile(r" \!$"), "!"),
+    (" , ", ", "), (" : ", ": "), (" ; ", "; "), (" / ", "/"),
+    (re.compile(r"\" ([^\"]+) \""), r'"\1"'),
+    (re.compile(r"\' ([^\']+) \'"), r"'\1'"),
+    (re.compile(r"\( ([^\(\)]+) \)"), r"(\1)"),
+    (re.compile(r"\[ ([^\[\]]+) \]"), r"[\1]"),
+    ("$ ", "$"), ("\N{POUND SIGN} ", "\N{POUND SIGN}"),
+)
+
+
 def lm1b(text: str) -> str:
-    """One Billion Word: undo the spacing around punctuation, quotes, brackets, URLs and currency signs."""
-    text = re.sub(r"(https?) : / / ", r"\1://", text)
-    text = re.sub(r" '(\w)", r"'\1", text)  # "it 's" -> "it's", "' 90s" stays apart
-    text = re.sub(r" ([.,:;!?])(?= |$)", r"\1", text)
-    text = text.replace(" / ", "/")
-    for left, right in ("()", "[]", '""', "''"):
-        text = _strip_inside(text, left, right)
-    for sign in "$\N{POUND SIGN}\N{EURO SIGN}":
-        text = text.replace(f"{sign} ", sign)
-    return text
+    """One Billion Word: URLs, contractions, sentence-final and inner punctuation, quotes, brackets, currency."""
+    return _apply(text, _LM1B)
 
 
 def scientific_papers(text: str) -> str:
-    """PubMed / arXiv articles (scientific_papers): WikiText-style then LM1B-style cleanup (MDLM's choice)."""
+    """PubMed / arXiv articles: the WikiText rules, then the LM1B rules (as the reference does)."""
     return lm1b(wikitext(text))
 
 

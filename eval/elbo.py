@@ -27,6 +27,7 @@ model's distribution is over real tokens only (it never has to put mass on the m
 Public API used by other modules:
     rolling_nelbo(model, token_ids, *, mask_id, window, samples=16, seed=0, bos_id=None, eos_id=None,
                   method="count", batch_size=16, ar=None, eps=1e-3) -> RollingNelbo(total_nats, n_tokens, stderr)
+        (lm-eval's rolling windows, each conditioned on the text before it)
     evaluate_blocks(model, blocks, *, method, samples, seed, mask_id, ...) -> Estimate
 """
 from __future__ import annotations
@@ -292,34 +293,52 @@ def evaluate_blocks(model, blocks, *, method: str, samples: int = 1, seed: int =
 
 
 class RollingNelbo(NamedTuple):
-    total_nats: float  # bound on -log p(text tokens), summed
+    total_nats: float  # bound on -log p(text tokens), summed (exact for AR)
     n_tokens: int
     stderr: float  # standard error of total_nats (0 for the exact AR value)
 
 
-def rolling_windows(n: int, window: int, n_special: int) -> list[tuple[int, int]]:
-    """Non-overlapping [start, end) spans of at most `window - n_special` content tokens covering 0..n."""
-    step = window - n_special
-    if step < 1:
-        raise ValueError(f"window={window} leaves no room for content next to {n_special} special token(s)")
-    return [(s, min(s + step, n)) for s in range(0, n, step)]
+def rolling_windows(n: int, max_len: int) -> list[tuple[int, int, int]]:
+    """lm-eval's rolling windows (`get_rolling_token_windows` with context_len=1, then `make_disjoint_window`)
+    as (context start, first scored, end) over token positions 0..n: every token is scored exactly once, and
+    each window is conditioned on the text before it so that context + scored tokens = max_len + 1 (the first
+    window's context is the prefix token alone, start -1). An AR model sees max_len inputs per window."""
+    if max_len < 1:
+        raise ValueError(f"a rolling window needs max_len >= 1, got {max_len}")
+    if n == 0:
+        return []
+    first = min(max_len, n)
+    out = [(-1, 0, first)]
+    done = first
+    while done < n:
+        end = done + min(n - done, max_len)
+        out.append((end - max_len - 1, done, end))
+        done = end
+    return out
+
+
+def document_key(seed: int, ids: Sequence[int]) -> int:
+    """A 62-bit name for a document's noise: its Monte Carlo draws depend on its tokens, so documents do not
+    share draws (they would if every document restarted at window 0)."""
+    words = np.random.SeedSequence([int(seed) % 2**32, len(ids), *[int(t) % 2**32 for t in ids]]).generate_state(2, np.uint32)
+    return ((int(words[0]) << 32) | int(words[1])) >> 2
 
 
 @torch.no_grad()
 def rolling_nelbo(model, token_ids: Sequence[int], *, mask_id: int, window: int, samples: int = 16, seed: int = 0,
                   bos_id: Optional[int] = None, eos_id: Optional[int] = None, method: str = "count",
                   batch_size: int = 16, ar: Optional[bool] = None, eps: float = 1e-3) -> RollingNelbo:
-    """Upper bound on -log p(token_ids) for a text of any length: lm-eval's `loglikelihood_rolling` for a
-    masked diffusion LM (return -total_nats as the log-likelihood).
+    """-log p(token_ids) for a text of any length, lm-eval's `loglikelihood_rolling` (return -total_nats):
+    exact for AR checkpoints, an upper bound (NELBO) for masked diffusion.
 
-    The tokens are cut into non-overlapping windows of at most `window` positions. Each window is
-    [bos_id] + chunk + [eos_id] (either special omitted when None); the specials are clean conditioning, never
-    masked nor scored, so only the text's own tokens count. Every token is scored (the last window is shorter).
-    Windows are independent, so the sum of their bounds bounds -log of the model that generates the text window
-    by window. method: "count" (default, exact in expectation), "t" or "mdlm"; `samples` MC samples per window.
-
-    ar (default: model.cfg.causal): exact next-token NLL instead; each window is conditioned on bos_id, and with
-    no bos_id the very first token of the text is charged log(vocab - 1) nats (a uniform code; it has no context).
+    The text is cut as lm-eval's HF model cuts it (`rolling_windows`), bos_id serving as its prefix token, and
+    each window is conditioned on the text before it: the context stays visible, only the window's own tokens
+    are masked and scored. For AR that gives lm-eval's numbers. For a diffusion model each window's NELBO
+    bounds -log p(window | context), so by the chain rule the sum bounds -log of one normalized model of the
+    text, more tightly than independent windows. A diffusion window holds `window` positions (context + scored);
+    an AR window `window` inputs. Monte Carlo draws (method "count" by default, "t" or "mdlm"; `samples` per
+    window) are keyed on (seed, the document's tokens, window index). Without bos_id, AR charges the first
+    token log(vocab - 1) nats (a uniform code: it has no context). eos_id is not used (kept for callers).
     Run it in one process: it ignores any process group. Returns RollingNelbo(total_nats, n_tokens, stderr)."""
     ids = [int(t) for t in token_ids]
     if not ids:
@@ -329,17 +348,19 @@ def rolling_nelbo(model, token_ids: Sequence[int], *, mask_id: int, window: int,
     if ar is None:
         ar = bool(getattr(getattr(model, "cfg", None), "causal", False))
     device = next(model.parameters()).device
-    if ar:
-        return _rolling_ar(model, ids, mask_id=mask_id, window=window, bos_id=bos_id, batch_size=batch_size,
-                           device=device)
     pre = [bos_id] if bos_id is not None else []
-    post = [eos_id] if eos_id is not None else []
+    if ar:
+        return _rolling_ar(model, ids, mask_id=mask_id, window=window, pre=pre, batch_size=batch_size,
+                           device=device)
     seqs, masks = [], []
-    for s, e in rolling_windows(len(ids), window, len(pre) + len(post)):
-        seqs.append(torch.tensor(pre + ids[s:e] + post))
-        masks.append(torch.tensor([False] * len(pre) + [True] * (e - s) + [False] * len(post)))
+    for c, s, e in rolling_windows(len(ids), window - 1):
+        ctx = pre if c < 0 else ids[max(c, 0):s]
+        seqs.append(torch.tensor(ctx + ids[s:e]))
+        masks.append(torch.tensor([False] * len(ctx) + [True] * (e - s)))
+    key = document_key(seed, ids)
     est = sequence_samples(model, seqs, method=method, samples=samples, seed=seed, mask_id=mask_id,
-                           maskable=masks, eps=eps, batch_size=batch_size)
+                           maskable=masks, seq_ids=[key * 4096 + k for k in range(len(seqs))], eps=eps,
+                           batch_size=batch_size)
     total = float(est.mean(1).sum())
     if samples > 1:
         se = math.sqrt(float(est.var(1, unbiased=True).sum()) / samples)
@@ -348,22 +369,26 @@ def rolling_nelbo(model, token_ids: Sequence[int], *, mask_id: int, window: int,
     return RollingNelbo(total, len(ids), se)
 
 
-def _rolling_ar(model, ids, *, mask_id, window, bos_id, batch_size, device) -> RollingNelbo:
+def _rolling_ar(model, ids, *, mask_id, window, pre, batch_size, device) -> RollingNelbo:
     total = 0.0
     seqs, scored = [], []
-    if bos_id is None:
-        # No context for the first token: charge a uniform code over the real (non-mask) vocabulary.
-        total += math.log(model.cfg.vocab_size - 1)
-        # Window k predicts its tokens from the last token of the previous window onward.
-        for s, e in rolling_windows(len(ids) - 1, window - 1, 0):
-            seqs.append(torch.tensor(ids[s:e + 1]))
-            scored.append(torch.ones(e + 1 - s, dtype=torch.bool))
-    else:
-        for s, e in rolling_windows(len(ids), window, 1):
-            seqs.append(torch.tensor([bos_id] + ids[s:e]))
-            scored.append(torch.ones(e - s + 1, dtype=torch.bool))
-    for s in range(0, len(seqs), batch_size):
-        x, keep = _pad(seqs[s:s + batch_size], 0, device)
-        sc, _ = _pad(scored[s:s + batch_size], False, device)
-        total += float(ar_nll_sums(model, x, sc.bool() & keep, mask_id=mask_id, key_padding=keep).sum())
+    for c, s, e in rolling_windows(len(ids), window):
+        ctx = pre if c < 0 else ids[c:s]
+        seq = ctx + ids[s:e]
+        if not ctx:  # no prefix token: the first token has no context; a uniform code over real tokens
+            total += math.log(model.cfg.vocab_size - 1)
+        seqs.append(torch.tensor(seq))
+        scored.append(torch.tensor([False] * len(ctx) + [True] * (e - s)))
+    for b in range(0, len(seqs), batch_size):
+        x, keep = _pad(seqs[b:b + batch_size], 0, device)
+        sc, _ = _pad(scored[b:b + batch_size], False, device)
+        # The last token is only a target: the model sees at most `window` inputs, as lm-eval feeds it.
+        inputs, kp = x[:, :-1], keep[:, :-1]
+        with autocast_for(x.device):
+            logits = model(inputs, key_padding=None if bool(kp.all()) else kp)
+        logits = logits.float()
+        if mask_id < logits.shape[-1]:
+            logits[..., mask_id] = float("-inf")  # the mask id never occurs in text
+        ce = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+        total += float((ce.double() * (sc[:, 1:] & keep[:, 1:])).sum())
     return RollingNelbo(total, len(ids), 0.0)

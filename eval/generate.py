@@ -2,7 +2,16 @@
 
     python -m eval.generate --ckpt runs/shakespeare --prompt "ROMEO:" --gen-length 128 --steps 64 \
         --block-length 32 [--temperature 0.7] [--remasking low_confidence|random] [--sampler llada|mdlm] \
-        [--cfg-scale 1.0] [--min-new-tokens 16] [--stop-at-eos] [--num-samples 4] [--visualize]
+        [--cfg-scale 1.0] [--min-new-tokens 16] [--stop-at-eos] [--num-samples 4] [--visualize] \
+        [--decode fixed|threshold|factor] [--threshold 0.9] [--factor 1.0] [--kv-cache none|prefix|dual] \
+        [--refresh-every 0]
+
+Fast generation (model/sample.py): `--decode threshold --threshold 0.9` unmasks every position of the block
+whose confidence exceeds 0.9 (at least one per step), `--decode factor` applies Fast-dLLM's factor rule;
+with those, --steps is an upper bound (default gen-length: one token per step at least). `--kv-cache prefix`
+reuses the keys/values of the prompt and finished blocks within a block, `dual` those of the masked suffix
+too; both are refreshed when a block completes (and every --refresh-every steps), and for a diffusion model
+both are approximations. For an AR checkpoint any --kv-cache other than none is the ordinary exact cache.
 
 Several --prompt flags (or --prompt-file, one prompt per line) are generated together as one left-padded
 batch. --visualize prints the partially unmasked text after every step (░ = still masked). AR checkpoints
@@ -17,7 +26,7 @@ import time
 import torch
 
 from .load import load
-from .sample import generate, render, strip_after_eos
+from model.sample import generate, render, row_generators, strip_after_eos
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,6 +66,14 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler", choices=["llada", "mdlm"], default="llada",
                     help="llada: confidence/random remasking; mdlm: ancestral sampler with prediction caching")
     ap.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance weight w (0: off)")
+    ap.add_argument("--decode", choices=["fixed", "threshold", "factor"], default="fixed",
+                    help="parallel decoding policy of the llada sampler (fixed: LLaDA's even split)")
+    ap.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of --decode threshold")
+    ap.add_argument("--factor", type=float, default=1.0, help="factor of --decode factor")
+    ap.add_argument("--kv-cache", choices=["none", "prefix", "dual"], default="none",
+                    help="KV cache for block decoding (approximate for diffusion, exact for AR)")
+    ap.add_argument("--refresh-every", type=int, default=0,
+                    help="also refresh the cache every N steps inside a block (0: only when a block completes)")
     ap.add_argument("--min-new-tokens", type=int, default=0, help="forbid EOS before this many generated tokens")
     ap.add_argument("--stop-at-eos", action="store_true", help="fill everything after the first EOS with EOS")
     ap.add_argument("--no-bos", action="store_true", help="do not prepend BOS (or EOS) to prompts")
@@ -87,7 +104,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     steps = args.steps or args.gen_length
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    # one generator per row (seed + row index): a row's sample does not depend on the other prompts
+    gen = row_generators([args.seed * 1_000_003 + i for i in range(len(prompts))], device)
     eos = getattr(tok, "eos_id", None)
     mask_id = cfg.model.mask_id
     P = max(map(len, prompts))
@@ -99,17 +117,29 @@ def main(argv=None) -> int:
 
     stats: dict = {}
     t0 = time.perf_counter()
-    out = generate(run.model, prompts if any(prompts) else None, mask_id=mask_id, gen_length=args.gen_length,
-                   steps=steps, block_length=args.block_length, temperature=args.temperature,
-                   remasking=args.remasking, sampler=args.sampler, generator=gen, batch_size=len(prompts),
-                   cfg_scale=args.cfg_scale, eos_id=eos, min_new_tokens=args.min_new_tokens,
-                   stop_at_eos=args.stop_at_eos and eos is not None, callback=show if args.visualize else None,
-                   stats=stats)
+    try:
+        out = generate(run.model, prompts if any(prompts) else None, mask_id=mask_id, gen_length=args.gen_length,
+                       steps=steps, block_length=args.block_length, temperature=args.temperature,
+                       remasking=args.remasking, sampler=args.sampler, generator=gen, batch_size=len(prompts),
+                       cfg_scale=args.cfg_scale, eos_id=eos, min_new_tokens=args.min_new_tokens,
+                       stop_at_eos=args.stop_at_eos and eos is not None, callback=show if args.visualize else None,
+                       decode=args.decode, threshold=args.threshold, factor=args.factor, kv_cache=args.kv_cache,
+                       refresh_every=args.refresh_every, stats=stats)
+    except ValueError as e:  # an impossible option combination (e.g. --decode threshold --sampler mdlm)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     kind = "AR left-to-right" if run.is_ar else (
         f"{args.sampler}" + (f", {args.remasking} remasking" if args.sampler == "llada" else ""))
+    if not run.is_ar and args.decode != "fixed":
+        kind += f", {args.decode} decoding " + (f"(tau {args.threshold})" if args.decode == "threshold"
+                                                 else f"(factor {args.factor})")
+    if args.kv_cache != "none":
+        kind += " | exact KV cache" if run.is_ar else f" | {args.kv_cache} KV cache"
+        if args.refresh_every and not run.is_ar:
+            kind += f" (refresh every {args.refresh_every})"
     print(f"# {run.path} (step {run.step}) | {kind} | {len(prompts)} x {args.gen_length} tokens, {steps} steps, "
           f"block {args.block_length or args.gen_length}, temperature {args.temperature}, cfg {args.cfg_scale}")
     for text, row in zip(texts, out[:, P:].tolist()):
@@ -117,7 +147,9 @@ def main(argv=None) -> int:
         print("=" * 80)
         print(f"{text}\033[1m{body}\033[0m" if sys.stdout.isatty() else f"{text}{body}")
     print("=" * 80)
-    print(f"# {len(prompts) * args.gen_length / dt:.1f} tokens/s ({dt:.2f} s, {stats['forwards']} forward passes)")
+    canvas = len(prompts) * (P + args.gen_length)  # token positions of one full forward of the batch
+    print(f"# {len(prompts) * args.gen_length / dt:.1f} tokens/s ({dt:.2f} s, {stats['forwards']} forward passes, "
+          f"{stats['forward_tokens'] / canvas:.1f} full-canvas equivalents)")
     return 0
 
 

@@ -12,20 +12,26 @@ or run `python -m eval.downstream` (docs/downstream.md). Requests are served bat
     forward per continuation token, so with greedy=auto it is computed only for tasks that ask one
     question per document (LAMBADA-like); multiple-choice tasks (several requests per document, scored by
     comparing log-likelihoods) get False.
-  - loglikelihood_rolling: the ELBO bound over non-overlapping windows (eval.elbo.rolling_nelbo); returned
-    as a log-likelihood, so lm-eval's word/byte perplexities are upper bounds.
+  - loglikelihood_rolling: lm-eval's rolling windows, each conditioned on the text before it (the context stays
+    visible, only the window's tokens are masked and scored; eval.elbo.rolling_nelbo): exact for AR
+    checkpoints (lm-eval's HF numbers), an ELBO bound for diffusion, so lm-eval's word/byte perplexities are
+    upper bounds. Monte Carlo draws are keyed on each document.
   - generate_until: the diffusion sampler on left-padded batches, semi-autoregressive blocks, rows leave the
     batch once a stop string or EOS appears after a finished block.
 
-Model args (key=value): ckpt (or pretrained), device (auto), dtype (auto|fp32|bf16), batch_size (rows per
+Model args (key=value): ckpt (or pretrained: also a LLaDA-format Hugging Face folder or hub id, converted on the
+fly by eval/load.py), device (auto), dtype (auto|fp32|bf16), batch_size (rows per
 forward), mc_samples (128), mc_round, stderr_tol, cfg_scale, seed, greedy (auto|always|never),
-gen_length, steps, block_length, remasking, sampler, temperature, rolling_samples (16), rolling_method
-(count), max_length (default: the checkpoint's training sequence length).
+gen_length, steps, block_length, remasking, sampler, temperature, decode (fixed|threshold|factor), threshold
+(0.9), factor (1.0), kv_cache (none|prefix|dual), refresh_every (0), rolling_samples (16), rolling_method
+(count), max_length (default: the checkpoint's training sequence length). generate_until draws each request
+from its own generator (seed and the context's tokens), so its text does not depend on its batch.
 """
 from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections import defaultdict
 from typing import Optional
 
@@ -37,7 +43,7 @@ from tqdm import tqdm
 from .generate import resolve_device, resolve_dtype
 from .likelihood import conditional_loglikelihood, encode_pair, greedy_match
 from .load import load
-from .sample import generate_many, strip_after_eos
+from model.sample import check_options, generate_many, strip_after_eos
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,8 @@ class UnmaskLM(LM):
                  steps: Optional[int] = None, block_length: Optional[int] = None,
                  remasking: str = "low_confidence", sampler: str = "llada", temperature: float = 0.0,
                  rolling_samples: int = 16, rolling_method: str = "count", max_length: Optional[int] = None,
-                 **unused):
+                 decode: str = "fixed", threshold: float = 0.9, factor: float = 1.0, kv_cache: str = "none",
+                 refresh_every: int = 0, **unused):
         super().__init__()
         path = ckpt or pretrained
         if not path:
@@ -83,12 +90,16 @@ class UnmaskLM(LM):
         self.cfg_scale, self.seed, self.greedy = float(cfg_scale), int(seed), greedy
         self.gen_length, self.steps, self.block_length = gen_length, steps, block_length
         self.remasking, self.sampler, self.temperature = remasking, sampler, float(temperature)
+        # parallel decoding and KV caching (model/sample.py); checked here so a typo fails before any request
+        self.fast = dict(decode=decode, threshold=float(threshold), factor=float(factor), kv_cache=kv_cache,
+                         refresh_every=int(refresh_every))
+        check_options(sampler, remasking, decode, float(threshold), float(factor), kv_cache, int(refresh_every),
+                       1, 1)
         self.rolling_samples, self.rolling_method = int(rolling_samples), rolling_method
         self.max_length = int(max_length or min(self.run.cfg.data.seq_len, self.run.cfg.model.max_seq_len))
         self.eos_id = getattr(self.tok, "eos_id", None)
         bos = getattr(self.tok, "bos_id", None)
         self.prefix_id = bos if bos is not None else self.eos_id  # what an empty context is conditioned on
-        self._dev_gen = torch.Generator(device=self._device).manual_seed(self.seed)
 
     # ------------------------------------------------------------------ helpers
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -211,10 +222,11 @@ class UnmaskLM(LM):
             return torch.tensor(flags, dtype=torch.bool)
         rows = generate_many(self.model, ctxs, batch_size=self.batch_size, mask_id=self.mask_id,
                              gen_length=gen_length, steps=steps, block_length=block, temperature=temperature,
-                             remasking=self.remasking, sampler=self.sampler, generator=self._dev_gen,
+                             remasking=self.remasking, sampler=self.sampler,
+                             seeds=[zlib.crc32(repr((self.seed, c)).encode()) for c in ctxs],
                              cfg_scale=0.0 if self.run.is_ar else self.cfg_scale, eos_id=self.eos_id,
                              stop_at_eos=self.eos_id is not None,
-                             stop_fn=stopped if (until or self.eos_id is not None) else None)
+                             stop_fn=stopped if (until or self.eos_id is not None) else None, **self.fast)
         texts = []
         for row in rows:
             text = self.tok.decode(strip_after_eos(row[:max_gen], self.eos_id))

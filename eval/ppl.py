@@ -1,12 +1,16 @@
-"""Zero-shot perplexity bounds (MDLM protocol, docs/science.md section 4) for a checkpoint, one command:
+"""Zero-shot perplexity bounds (named protocols, docs/science.md section 4) for a checkpoint, one command:
 
     python -m eval.ppl --ckpt runs/NAME --datasets wikitext2,ptb,lambada --data-dir ../shared/data
-    torchrun --nproc_per_node 2 -m eval.ppl --ckpt runs/NAME --datasets ptb --samples 8 --method count
+    python -m eval.ppl --ckpt runs/NAME --protocol bd3lms --datasets ptb --samples 8 --method count
+    python -m eval.ppl --counts-only --tokenizer ../shared/data/gpt2-tokenizer --data-dir ../shared/data
 
-Each dataset's documents are detokenized, tokenized with the checkpoint's own tokenizer, concatenated and cut
-into [BOS] + (seq_len - 2) tokens + [EOS] blocks (remainder dropped). Diffusion checkpoints report an upper
-bound on the NLL (NELBO) with its Monte Carlo error; autoregressive checkpoints the exact NLL of the same
-blocks. Results go to <run_dir>/eval/ppl.json and ppl.md (merged with earlier results). See docs/eval.md.
+Each dataset's documents (the hub's rows) are detokenized as the reference code does, tokenized with the
+checkpoint's own tokenizer and wrapped into [BOS] + (seq_len - 2) + [EOS] blocks as the protocol says
+(mdlm: an EOS after every document, every position scored; bd3lms: no separator, BOS not scored). Diffusion
+checkpoints report an upper bound on the NLL (NELBO) with its Monte Carlo error, autoregressive ones the exact
+NLL of the same blocks. Every result carries its counts (rows, stream tokens, blocks, scored tokens), the
+tokenizer fingerprint, estimator, samples and seed. Results go to <run_dir>/eval/ppl.json and ppl.md (merged with
+earlier results). --counts-only prints the counts without a model. See docs/eval.md.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .corpora import DATASETS, DEFAULT_SPLIT, Blocks, CorpusError, load_corpus, tokenize_and_wrap
+from .corpora import (DATASETS, DEFAULT_SPLIT, PROTOCOLS, Blocks, CorpusError, get_protocol, load_corpus,
+                      tokenize_and_wrap)
 from .elbo import METHODS, Estimate, evaluate_blocks
 
 LN2 = math.log(2.0)
@@ -37,15 +42,27 @@ def synthetic_blocks(tokenizer, seq_len: int, n_blocks: int) -> tuple[Blocks, fl
     x, _ = SyntheticSource(lang, seq_len, "valid", 0).get(list(range(n_blocks)))
     rows = x.tolist()
     n_bytes = sum(len(tokenizer.decode(r).encode("utf-8")) for r in rows)
-    return Blocks(rows, seq_len, n_blocks * seq_len, n_bytes, n_bytes, None, None), lang.entropy_per_token(seq_len)
+    return (Blocks(rows, seq_len, n_blocks * seq_len, n_bytes, n_bytes, None, None, n_rows=n_blocks,
+                   n_stream_tokens=n_blocks * seq_len), lang.entropy_per_token(seq_len))
+
+
+def count_row(*, dataset: str, split: str, source: str, blocks: Blocks, seq_len: int, protocol: str,
+              rows_per_wrap: int, tokenizer, wrap_shards: int = 1) -> dict:
+    """What identifies the evaluated data: anyone with the same tokenizer can recompute these numbers."""
+    return {"dataset": dataset, "split": split, "source": source, "protocol": protocol,
+            "rows_per_wrap": rows_per_wrap, "wrap_shards": wrap_shards, "seq_len": seq_len, **blocks.counts(),
+            "bos_id": blocks.bos_id, "eos_id": blocks.eos_id,
+            "tokenizer": getattr(tokenizer, "fingerprint", None), "vocab_size": getattr(tokenizer, "vocab_size", None),
+            "covered_bytes": blocks.covered_bytes, "total_bytes": blocks.total_bytes}
 
 
 def result_row(est: Estimate, *, dataset: str, split: str, source: str, blocks: Blocks, seq_len: int,
-               seconds: float, step: Optional[int], ckpt: str, true_entropy: Optional[float] = None) -> dict:
-    row = {"dataset": dataset, "split": split, "source": source, "checkpoint": ckpt, "step": step,
-           "seq_len": seq_len, "blocks": blocks.n_blocks, "bos_id": blocks.bos_id, "eos_id": blocks.eos_id,
-           "text_tokens": blocks.n_text_tokens, "covered_bytes": blocks.covered_bytes,
-           "total_bytes": blocks.total_bytes, **est.to_dict()}
+               seconds: float, step: Optional[int], ckpt: str, true_entropy: Optional[float] = None,
+               protocol: str = "mdlm", rows_per_wrap: int = 1000, tokenizer=None, weights: str = "model",
+               wrap_shards: int = 1) -> dict:
+    row = {**count_row(dataset=dataset, split=split, source=source, blocks=blocks, seq_len=seq_len,
+                       protocol=protocol, rows_per_wrap=rows_per_wrap, tokenizer=tokenizer, wrap_shards=wrap_shards),
+           "checkpoint": ckpt, "step": step, "weights": weights, **est.to_dict()}
     row["bits_per_byte"] = est.total_nats / LN2 / blocks.covered_bytes if blocks.covered_bytes else float("nan")
     row["bits_per_byte_stderr"] = est.stderr_nats / LN2 / blocks.covered_bytes if blocks.covered_bytes else float("nan")
     row["seconds"] = seconds
@@ -57,22 +74,37 @@ def result_row(est: Estimate, *, dataset: str, split: str, source: str, blocks: 
 
 
 def _key(r: dict) -> tuple:
-    return (r["dataset"], r["split"], r["method"], r["samples"], r["seed"], r["seq_len"], r.get("step"))
+    return (r["dataset"], r["split"], r.get("protocol"), r["method"], r["samples"], r["seed"], r["seq_len"],
+            r.get("step"), r.get("weights"))
+
+
+def counts_table(rows: list[dict]) -> str:
+    head = ("| dataset | split | protocol | rows | stream tokens | blocks | scored tokens | seq_len | tokenizer |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {r['dataset']} | {r['split']} | {r['protocol']} | {r['rows']:,} | {r['stream_tokens']:,} | "
+             f"{r['blocks']:,} | {r['scored_tokens']:,} | {r['seq_len']} | {r['tokenizer']} |" for r in rows]
+    return head + "\n".join(lines) + "\n"
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| dataset | split | method | K | seed | blocks | tokens | NELBO nats/tok | s.e. | ppl | ppl 95% CI | "
-            "bits/byte | s / 1M tok |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| dataset | split | protocol | weights | method | K | seed | rows | stream tokens | blocks | scored tokens "
+            "| NELBO nats/tok | s.e. | ppl | ppl 95% CI | bits/byte | tokenizer | s / 1M tok |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         le = "" if r["method"] == "ar" else "<="
         se = "exact" if r["method"] == "ar" else f"{r['stderr']:.4f}" + ("*" if r["samples"] <= 1 else "")
         ci = "" if r["method"] == "ar" else f"[{r['ppl_ci95'][0]:.2f}, {r['ppl_ci95'][1]:.2f}]"
         truth = f" (true {r['true_entropy']:.4f})" if r.get("true_entropy") is not None else ""
-        lines.append(f"| {r['dataset']} | {r['split']} | {r['method']} | {r['samples']} | {r['seed']} | "
-                     f"{r['blocks']} | {r['n_tokens']:,} | {r['nelbo']:.4f}{truth} | {se} | {le}{r['ppl']:.2f} | "
-                     f"{ci} | {r['bits_per_byte']:.4f} | {r['seconds_per_1M_tokens']:.1f} |")
-    foot = ("\nppl: exp(NELBO per token), an upper bound (<=) for diffusion checkpoints, exact for AR. s.e.: Monte "
+        lines.append(f"| {r['dataset']} | {r['split']} | {r.get('protocol', '')} | {r.get('weights', '')} | "
+                     f"{r['method']} | {r['samples']} | {r['seed']} | {r.get('rows', '')} | "
+                     f"{r.get('stream_tokens', '')} | {r['blocks']} | {r['n_tokens']:,} | {r['nelbo']:.4f}{truth} | "
+                     f"{se} | {le}{r['ppl']:.2f} | {ci} | {r['bits_per_byte']:.4f} | {r.get('tokenizer', '')} | "
+                     f"{r['seconds_per_1M_tokens']:.1f} |")
+    foot = ("\nProtocols: " + "; ".join(p.describe() for p in PROTOCOLS.values()) + ". stream tokens: the "
+            "concatenated documents, separators included, before cutting into blocks; scored tokens: the positions "
+            "the estimator scores (AR: seq_len - 1 per block). weights: ema when the checkpoint's EMA weights were "
+            "evaluated.\nppl: exp(NELBO per token), an upper bound (<=) for diffusion checkpoints, exact for AR. s.e.: Monte "
             "Carlo standard error per token; * with K=1 it is the between-block spread (conservative). "
             "bits/byte: total nats / ln 2 / UTF-8 bytes of the detokenized text in the blocks. "
             "s / 1M tok: wall seconds per million block tokens per Monte Carlo sample.\n")
@@ -91,7 +123,8 @@ def write_results(out_dir: Path, rows: list[dict]) -> tuple[Path, Path]:
             old = []
     merged = {_key(r): r for r in old}
     merged.update({_key(r): r for r in rows})
-    allrows = sorted(merged.values(), key=lambda r: (r["dataset"], r["split"], r["method"], r["samples"], r["seed"]))
+    allrows = sorted(merged.values(), key=lambda r: (r["dataset"], r["split"], str(r.get("protocol")), r["method"],
+                                                     r["samples"], r["seed"]))
     path_json.write_text(json.dumps({"results": allrows}, indent=1))
     path_md.write_text(markdown_table(allrows))
     return path_json, path_md
@@ -100,7 +133,23 @@ def write_results(out_dir: Path, rows: list[dict]) -> tuple[Path, Path]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.ppl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder, or model.safetensors export")
+    p.add_argument("--ckpt", default=None, help="run directory, checkpoint folder, or model.safetensors export")
+    p.add_argument("--protocol", default="mdlm", choices=tuple(PROTOCOLS),
+                   help="mdlm: EOS after every document, all 1024 positions scored (kuleshov-group/mdlm); bd3lms: "
+                        "documents concatenated with nothing between them, BOS not scored (bd3lms zs_ppl scripts)")
+    p.add_argument("--rows-per-wrap", type=int, default=None,
+                   help="documents wrapped together (remainder dropped per group): the reference's datasets.map "
+                        "batch of 1000 by default; 0 wraps the whole stream at once")
+    p.add_argument("--wrap-shards", type=int, default=None,
+                   help="the reference's num_proc: rows are split into this many contiguous shards before the "
+                        "1000-row wrap batches (default 1, as its zero-shot scripts ran)")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="evaluate the trained weights even when the checkpoint holds EMA weights (default: EMA)")
+    p.add_argument("--counts-only", action="store_true",
+                   help="print rows, stream tokens, blocks and scored tokens per dataset without a model (a dry run)")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --counts-only and no --ckpt: a tokenizer folder (vocab.json + merges.txt, or "
+                        "tokenizer.json), a tokenizer.json file, or a run directory")
     p.add_argument("--datasets", default="wikitext2,ptb,lambada",
                    help=f"comma-separated: {', '.join(DATASETS)}, synthetic (synthetic-language runs)")
     p.add_argument("--split", default=None, help="validation | test | train; default: each dataset's protocol "
@@ -119,8 +168,6 @@ def parse_args(argv=None):
     p.add_argument("--eps", type=float, default=None, help="t = (1-eps) u + eps for mdlm/t (default: the run's)")
     p.add_argument("--group", type=int, default=32, help="mdlm: blocks sharing one antithetic set of t")
     p.add_argument("--no-specials", action="store_true", help="plain blocks without BOS/EOS")
-    p.add_argument("--doc-eos", action="store_true",
-                   help="insert EOS after every document (MDLM's released code; the protocol omits it)")
     p.add_argument("--max-blocks", type=int, default=None, help="evaluate only the first N blocks (quick checks; "
                    "synthetic default 64)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -130,9 +177,82 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def load_counting_tokenizer(spec: str):
+    """A tokenizer for --counts-only: a run directory (its saved tokenizer) or any tokenizer spec data.prepare
+    accepts (a GPT-2 folder with vocab.json + merges.txt, a tokenizer.json, a hub name)."""
+    from data.tokenizer import META_FILE, TextTokenizer, build_tokenizer
+    path = Path(spec)
+    if path.is_dir() and (path / META_FILE).is_file() and (path / "tokenizer.json").is_file():
+        return TextTokenizer.load(path)
+    return build_tokenizer(spec, 0)
+
+
+def _dataset_blocks(name, args, protocol, tok, seq_len, rank, world, say):
+    """(blocks, source, split) of one dataset, or None after reporting why it cannot be evaluated."""
+    # Rank 0 fetches first, so concurrent ranks find the hub cache filled rather than racing for it.
+    corpus = None
+    if rank == 0 or world == 1:
+        corpus = _load_or_report(name, args)
+    if world > 1:
+        dist.barrier()
+        if rank != 0:
+            corpus = _load_or_report(name, args)
+    if corpus is None:
+        return None
+    try:
+        blocks = tokenize_and_wrap(corpus.docs, tok, seq_len, protocol=protocol, specials=not args.no_specials,
+                                   max_blocks=args.max_blocks)
+    except ValueError as e:
+        say(f"{name}: cannot tokenize with this tokenizer: {e}")
+        return None
+    return blocks, corpus.source, corpus.split
+
+
+def counts_main(args) -> tuple[list[dict], list[str]]:
+    """--counts-only: the data and the protocol checked, no model needed."""
+    if args.tokenizer:
+        tok = load_counting_tokenizer(args.tokenizer)
+    elif args.ckpt:
+        import yaml
+        from data import load_run_tokenizer
+        from pretrain.config import Config, from_dict
+        from .load import _find
+        run_dir, _ = _find(Path(args.ckpt))
+        tok = load_run_tokenizer(run_dir, from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text())))
+    else:
+        raise SystemExit("--counts-only needs --tokenizer PATH (e.g. ../shared/data/gpt2-tokenizer) or --ckpt RUN")
+    protocol = get_protocol(args.protocol, args.rows_per_wrap, args.wrap_shards)
+    seq_len = args.seq_len or 1024
+    rows, failed = [], []
+    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        got = _dataset_blocks(name, args, protocol, tok, seq_len, 0, 1, print)
+        if got is None:
+            failed.append(name)
+            continue
+        blocks, source, split = got
+        rows.append(count_row(dataset=name, split=split, source=source, blocks=blocks, seq_len=seq_len,
+                              protocol=protocol.name, rows_per_wrap=protocol.rows_per_wrap, tokenizer=tok,
+                              wrap_shards=protocol.wrap_shards))
+    print(f"counts | {protocol.describe()} | seq_len {seq_len} | tokenizer {getattr(tok, 'fingerprint', None)} "
+          f"(vocab {tok.vocab_size}, BOS/EOS {rows[0]['bos_id'] if rows else None})")
+    print(counts_table(rows))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "counts.json").write_text(json.dumps({"counts": rows}, indent=1))
+        (out / "counts.md").write_text(counts_table(rows))
+    if failed:
+        print(f"not counted: {', '.join(failed)}")
+    return rows, failed
+
+
 def main(argv=None) -> tuple[list[dict], list[str]]:
     """Returns (result rows, names of datasets that could not be evaluated)."""
     args = parse_args(argv)
+    if args.counts_only:
+        return counts_main(args)
+    if not args.ckpt:
+        raise SystemExit("--ckpt is required (or --counts-only --tokenizer PATH for a dry run without a model)")
     from pretrain.parallel import init_distributed
     from .load import load
 
@@ -140,10 +260,12 @@ def main(argv=None) -> tuple[list[dict], list[str]]:
         torch.set_num_threads(args.threads)
     rank, world, device = init_distributed(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    loaded = load(args.ckpt, device=device)
+    loaded = load(args.ckpt, device=device, ema=not args.raw_weights)
     model, tok = loaded.model, loaded.tokenizer
     mask_id = loaded.cfg.model.mask_id
     run_dir = loaded.run_dir
+    weights = loaded.weights
+    protocol = get_protocol(args.protocol, args.rows_per_wrap, args.wrap_shards)
     methods = [m.strip() for m in (args.method or ("ar" if loaded.is_ar else "mdlm")).split(",") if m.strip()]
     for m in methods:
         if m not in METHODS:
@@ -162,8 +284,9 @@ def main(argv=None) -> tuple[list[dict], list[str]]:
     if args.samples < 1:
         raise SystemExit("--samples must be >= 1")
     eps = loaded.cfg.diffusion.eps if args.eps is None else args.eps
-    say(f"eval.ppl | {loaded.path} (step {loaded.step}) | methods {','.join(methods)} | K {args.samples} | "
-        f"seed {args.seed} | seq_len {args.seq_len} | world {world} on {device}")
+    say(f"eval.ppl | {loaded.path} (step {loaded.step}, {weights} weights) | {protocol.describe()} | methods "
+        f"{','.join(methods)} | K {args.samples} | seed {args.seed} | seq_len {args.seq_len} | tokenizer "
+        f"{getattr(tok, 'fingerprint', None)} | world {world} on {device}")
 
     rows, failed = [], []
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
@@ -172,43 +295,35 @@ def main(argv=None) -> tuple[list[dict], list[str]]:
             blocks, truth = synthetic_blocks(tok, args.seq_len, args.max_blocks or 64)
             source, split = "synthetic:valid", "valid"
         else:
-            # Rank 0 fetches first, so concurrent ranks find the hub cache filled rather than racing for it.
-            corpus = None
-            if rank == 0 or world == 1:
-                corpus = _load_or_report(name, args)
-            if world > 1:
-                dist.barrier()
-                if rank != 0:
-                    corpus = _load_or_report(name, args)
-            if corpus is None:
+            got = _dataset_blocks(name, args, protocol, tok, args.seq_len, rank, world, say)
+            if got is None:
                 failed.append(name)
                 continue
-            try:
-                blocks = tokenize_and_wrap(corpus.docs, tok, args.seq_len, specials=not args.no_specials,
-                                           doc_eos=args.doc_eos, max_blocks=args.max_blocks)
-            except ValueError as e:
-                say(f"{name}: cannot tokenize with this checkpoint's tokenizer: {e}")
-                failed.append(name)
-                continue
-            source, split = corpus.source, corpus.split
+            blocks, source, split = got
         if blocks.n_blocks == 0:
-            say(f"{name}: {blocks.n_text_tokens} tokens, fewer than one block of {args.seq_len}: skipped")
+            say(f"{name}: {blocks.n_stream_tokens} stream tokens, fewer than one block of {args.seq_len}: skipped")
             failed.append(name)
             continue
         x = torch.tensor(blocks.tokens, dtype=torch.long)
+        maskable = blocks.maskable()
+        maskable = None if maskable is None else torch.tensor(maskable, dtype=torch.bool)
         for method in methods:
             t0 = time.perf_counter()
             est = evaluate_blocks(model, x, method=method, samples=args.samples, seed=args.seed, mask_id=mask_id,
-                                  eps=eps, batch_size=args.batch_size, group=args.group,
+                                  maskable=maskable, eps=eps, batch_size=args.batch_size, group=args.group,
                                   progress=not args.no_progress, desc=f"{name} {method}")
             seconds = time.perf_counter() - t0
             row = result_row(est, dataset=name, split=split, source=source, blocks=blocks, seq_len=args.seq_len,
-                             seconds=seconds, step=loaded.step, ckpt=str(loaded.path), true_entropy=truth)
+                             seconds=seconds, step=loaded.step, ckpt=str(loaded.path), true_entropy=truth,
+                             protocol=protocol.name if name != "synthetic" else "synthetic",
+                             rows_per_wrap=protocol.rows_per_wrap, tokenizer=tok, weights=weights,
+                             wrap_shards=protocol.wrap_shards)
+            row["scored_tokens"] = est.n_tokens
             rows.append(row)
             bound = "<=" if method != "ar" else "="
-            say(f"{name:>12} {split:<10} {method:<5} K={args.samples:<3} {blocks.n_blocks:>5} blocks | "
-                f"{est.nelbo:.4f} +- {est.stderr:.4f} nats/tok | ppl {bound} {est.ppl:.2f} | "
-                f"{row['bits_per_byte']:.4f} bits/byte | {seconds:.1f}s")
+            say(f"{name:>12} {split:<10} {method:<5} K={args.samples:<3} {blocks.n_blocks:>5} blocks "
+                f"{est.n_tokens:>8} scored | {est.nelbo:.4f} +- {est.stderr:.4f} nats/tok | ppl {bound} "
+                f"{est.ppl:.2f} | {row['bits_per_byte']:.4f} bits/byte | {seconds:.1f}s")
     if rank == 0 and rows:
         out = Path(args.out) if args.out else run_dir / "eval"
         pj, pm = write_results(out, rows)

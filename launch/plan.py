@@ -8,9 +8,11 @@ parallelization of pretrain/parallel.py (TP+SP plan, FSDP2) is applied under the
 process group of the full world size, so every number is read off the actual sharded DTensors of rank 0
 (the rank with the largest shards: uneven dimensions give their remainder to the first ranks).
 
-Estimated parts: FSDP's transient gathered parameters and unreduced gradients, activations (per formula
-below, with and without activation checkpointing) and the loss head. Allocator fragmentation, the CUDA
-context and communication buffers are not counted: keep a margin of several GB.
+Estimated parts: FSDP's transient gathered parameters and unreduced gradients (and, with gradient
+accumulation, the unsharded fp32 gradients kept until the last micro-batch reduces them), activations (per
+formula below, for every activation-checkpointing mode), the attention masks of the chosen backend and the
+chunked cross-entropy's logits. Allocator fragmentation, the CUDA context and communication buffers are not
+counted: keep a margin of several GB.
 """
 from __future__ import annotations
 
@@ -73,19 +75,23 @@ def sharded_state_bytes(mcfg, layout: Layout) -> dict:
         # AdamW: exp_avg and exp_avg_sq per element, plus one fp32 `step` scalar per parameter tensor
         "optimizer": 2 * n_local * fp32 + n_tensors * fp32,
         "largest_unit_elements": max(units),
+        "head_unit_elements": units[-1],
+        "unsharded_elements": sum(units),
     }
 
 
 def _fsdp_units(model, tp: int) -> list[int]:
-    """Elements each FSDP unit gathers on one rank (blocks, and the root: embedding, final norm, head):
-    tensor-parallel weights stay sliced by tp, norm gains are whole."""
+    """Elements each FSDP unit gathers on one rank (pretrain/parallel.apply_fsdp: the embedding, each block,
+    [final norm + head]): tensor-parallel weights stay sliced by tp, norm gains are whole. The last entry is
+    the head unit, which stays gathered from its forward to its backward."""
     def per_rank(module):
         return sum(p.numel() // tp if p.ndim == 2 else p.numel() for p in module.parameters())
-    root = sum(per_rank(m) for m in (model.tok_embeddings, model.norm, model.output))
-    return [per_rank(b) for b in model.layers] + [root]
+    head = sum(per_rank(m) for m in (model.norm, model.output))
+    return [per_rank(model.tok_embeddings)] + [per_rank(b) for b in model.layers] + [head]
 
 
-def activation_bytes(mcfg, *, seq_len: int, micro: int, tp: int, ac: str, ac_every: int) -> dict:
+def activation_bytes(mcfg, *, seq_len: int, micro: int, tp: int, ac: str, ac_every: int, ce_chunk: int = 4096,
+                     attn_mask: str = "flex") -> dict:
     """Estimated activation memory of one micro-batch on one rank (bf16 activations, sequence parallel).
 
     Saved for backward per token per block, in elements (d = dim, k = kv dim, F = ffn hidden, t = tp):
@@ -96,8 +102,14 @@ def activation_bytes(mcfg, *, seq_len: int, micro: int, tp: int, ac: str, ac_eve
       4F / t             w1 and w3 outputs, silu(w1), their product
     in bf16, plus (d + k) / t pre-RoPE q and k kept in fp32 (the rotation runs in fp32).
     Full checkpointing keeps only each block's input (d / t per token) and recomputes one block at a time.
-    The head (worst case: every position masked) keeps the gathered hidden state and, per position, the
-    bf16 logits slice, its fp32 copy and the fp32 log-softmax (10 bytes per vocab entry / t)."""
+    Op-level checkpointing keeps the block input and the matmul/attention outputs, (d + (d + 2k) + d + d +
+    2F + d) / t in bf16, and recomputes norms, RoPE and SwiGLU's activation.
+    The head (worst case: every position masked) keeps the gathered hidden state; the logits exist for one
+    chunk of `ce_chunk` rows at a time (bf16 slice, fp32 copy, fp32 log-softmax: 10 bytes per vocab entry /
+    t); under tensor parallelism the cross-entropy is loss-parallel and unchunked (every row, V / t).
+    Attention masks, once per micro-batch: a dense boolean (B, 1, L, L) mask and the bf16 bias SDPA makes
+    of it ("dense", 3 bytes per entry); a FlexAttention block mask ("flex", int32 block indices for 128 x 128
+    tiles, forward and backward); flash-attn varlen index ("varlen", 8 bytes per token); or nothing."""
     d, k, F, t = mcfg.dim, mcfg.kv_heads * mcfg.head_dim, mcfg.ffn_dim, tp
     tokens = seq_len * micro
     bf16, fp32 = 2, 4
@@ -107,19 +119,32 @@ def activation_bytes(mcfg, *, seq_len: int, micro: int, tp: int, ac: str, ac_eve
     block_full = per_token_block * tokens
     block_input = bf16 * d / t * tokens
     n = mcfg.n_layers
-    if ac == "full":
-        checkpointed = n
-    elif ac == "selective":
-        checkpointed = n // max(1, ac_every)
+    if ac == "op":
+        block_op = bf16 * (d + (d + 2 * k) + d + d + 2 * F + d) / t * tokens
+        blocks = n * block_op + block_full  # plus one block's recompute at a time
     else:
-        checkpointed = 0
-    blocks = (n - checkpointed) * block_full + checkpointed * block_input + (block_full if checkpointed else 0)
-    head = tokens * (bf16 * d + 10 * mcfg.vocab_size / t)
-    return {"blocks": blocks, "head": head, "total": blocks + head, "per_block_no_ac": block_full}
+        if ac == "full":
+            checkpointed = n
+        elif ac == "selective":
+            checkpointed = n // max(1, ac_every)
+        else:
+            checkpointed = 0
+        blocks = (n - checkpointed) * block_full + checkpointed * block_input + (block_full if checkpointed else 0)
+    rows = tokens if (tp > 1 or ce_chunk <= 0) else min(tokens, ce_chunk)
+    head = tokens * bf16 * d + rows * 10 * mcfg.vocab_size / t
+    tiles = -(-seq_len // 128)
+    masks = {"dense": 3 * micro * seq_len * seq_len, "flex": 2 * 2 * 4 * micro * tiles * tiles,
+             "varlen": 8 * tokens, "none": 0}[attn_mask]
+    return {"blocks": blocks, "head": head, "attn_masks": masks, "total": blocks + head + masks,
+            "per_block_no_ac": block_full}
+
+
+AC_MODES = ("none", "selective", "op", "full")
 
 
 def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, ac: str, ac_every: int,
-         param_dtype_bytes: int = 2, gpu_gib: float = 80.0) -> dict:
+         param_dtype_bytes: int = 2, gpu_gib: float = 80.0, ce_chunk: int = 4096, attn_mask: str = "flex",
+         reduce_every_micro_batch: bool = False) -> dict:
     exact = sharded_state_bytes(mcfg, layout)
     dp = exact["dims"]["dp"]
     if global_batch % (micro * dp):
@@ -127,17 +152,21 @@ def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, a
                          f"degree {dp}")
     accum = global_batch // (micro * dp)
     unit = exact["largest_unit_elements"]
-    # Two gathered units at a time (the running one and the prefetched next) in the compute dtype, and one
-    # unit's unreduced fp32 gradient before its reduce-scatter. Skipped when nothing is sharded (dp == 1).
-    fsdp = (2 * unit * param_dtype_bytes + unit * 4) if dp > 1 else 0
-    acts = {mode: activation_bytes(mcfg, seq_len=seq_len, micro=micro, tp=layout.tp, ac=mode, ac_every=ac_every)
-            for mode in ("none", "selective", "full")}
+    # Two gathered units at a time (the running one and the prefetched next) plus the head unit, gathered from
+    # its forward to its backward, in the compute dtype, and one unit's unreduced fp32 gradient before its
+    # reduce-scatter. Skipped when nothing is sharded (dp == 1).
+    fsdp = ((2 * unit + exact["head_unit_elements"]) * param_dtype_bytes + unit * 4) if dp > 1 else 0
+    # Gradient accumulation reduces only after the last micro-batch: until then every rank holds the
+    # unsharded fp32 gradients (parallel.reduce_every_micro_batch=true trades this for more communication).
+    accum_grads = 4 * exact["unsharded_elements"] if (dp > 1 and accum > 1 and not reduce_every_micro_batch) else 0
+    acts = {mode: activation_bytes(mcfg, seq_len=seq_len, micro=micro, tp=layout.tp, ac=mode, ac_every=ac_every,
+                                   ce_chunk=ce_chunk, attn_mask=attn_mask) for mode in AC_MODES}
     states = exact["params"] + exact["grads"] + exact["optimizer"]
-    totals = {mode: states + fsdp + a["total"] for mode, a in acts.items()}
+    totals = {mode: states + fsdp + accum_grads + a["total"] for mode, a in acts.items()}
     capacity = gpu_gib * GiB
     warnings = []
     if totals[ac] > capacity:
-        fits = [m for m in ("none", "selective", "full") if totals[m] <= capacity]
+        fits = [m for m in AC_MODES if totals[m] <= capacity]
         warnings.append(f"estimated peak {totals[ac] / GiB:.1f} GiB with activation checkpointing '{ac}' exceeds a "
                         f"{gpu_gib:g} GiB GPU" + (f"; fits with --ac {fits[0]}" if fits else
                                                    "; lower --micro-batch, raise --tp, or add GPUs"))
@@ -148,7 +177,10 @@ def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, a
             "global_batch": global_batch, "micro_batch": micro, "grad_accum": accum,
             "tokens_per_step": global_batch * seq_len, "tokens_per_gpu_micro": micro * seq_len,
             "exact": {k: exact[k] for k in ("params", "grads", "optimizer", "local_param_elements")},
-            "fsdp_buffers": fsdp, "activations": {m: a["total"] for m, a in acts.items()},
+            "fsdp_buffers": fsdp, "accum_grads": accum_grads,
+            "activations": {m: a["total"] for m, a in acts.items()},
+            "attn_masks": acts[ac]["attn_masks"], "ce_head": acts[ac]["head"], "ce_chunk": ce_chunk,
+            "attn_mask": attn_mask,
             "ac": ac, "total": totals[ac], "totals": totals, "gpu_gib": gpu_gib, "warnings": warnings}
 
 
@@ -162,13 +194,18 @@ def render(p: dict) -> str:
         f"{p['model']} on {p['world']} GPUs: dp_replicate {d['dp_replicate']} x dp_shard {d['dp_shard']} x tp {d['tp']}",
         f"batch: {p['global_batch']} x {p['seq_len']} = {p['tokens_per_step']:,} tokens per step; micro-batch "
         f"{p['micro_batch']} ({p['tokens_per_gpu_micro']:,} tokens) per GPU, {p['grad_accum']} accumulation step(s)",
+        *([f"run: {p['steps']:,} steps x {p['tokens_per_step']:,} tokens = {p['steps'] * p['tokens_per_step']:,} "
+           f"tokens"] if p.get("steps") else []),
         "per-GPU memory (rank 0):",
         f"  parameters (fp32, sharded)     {_fmt(p['exact']['params'])}   exact",
         f"  gradients (fp32, sharded)      {_fmt(p['exact']['grads'])}   exact",
         f"  AdamW state (fp32, sharded)    {_fmt(p['exact']['optimizer'])}   exact",
         f"  FSDP gathered units            {_fmt(p['fsdp_buffers'])}   estimate",
+        f"  accumulated unsharded grads    {_fmt(p['accum_grads'])}   estimate (reduced on the last micro-batch)",
+        f"  attention masks ({p['attn_mask']:<6})       {_fmt(p['attn_masks'])}   estimate (in activations)",
+        f"  head + CE (chunk {p['ce_chunk']:<6})      {_fmt(p['ce_head'])}   estimate (in activations)",
     ]
-    for mode in ("none", "selective", "full"):
+    for mode in AC_MODES:
         mark = "  <-" if mode == p["ac"] else ""
         lines.append(f"  activations, AC {mode:<10}     {_fmt(p['activations'][mode])}   estimate "
                      f"(total {p['totals'][mode] / GiB:.1f} GiB){mark}")
@@ -185,14 +222,14 @@ def _model_config(args):
         from pretrain.config import Config, from_dict
         cfg = from_dict(Config, yaml.safe_load(open(args.config)) or {})
         mcfg = cfg.model
-        seq_len = cfg.data.seq_len
+        seq_len, batch, steps = cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.steps
     else:
-        mcfg, seq_len = get_preset(args.model), None
+        mcfg, seq_len, batch, steps = get_preset(args.model), None, None, None
     if args.vocab_size:
         mcfg = replace(mcfg, vocab_size=args.vocab_size)
     if mcfg.vocab_size is None:
         sys.exit(f"{mcfg.preset or args.config} takes its vocabulary from the data: pass --vocab-size")
-    return mcfg, seq_len
+    return mcfg, seq_len, batch, steps
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -207,27 +244,36 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--dp-replicate", type=int, default=1, help="HSDP replicas (dp_shard is what remains)")
     ap.add_argument("--seq-len", type=int, default=None, help="default: the config's data.seq_len, else the "
                     "model's max_seq_len")
-    ap.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: one micro-batch "
-                    "per data-parallel rank)")
+    ap.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: the config's "
+                    "train.global_batch_size, else one micro-batch per data-parallel rank)")
     ap.add_argument("--micro-batch", type=int, default=1)
-    ap.add_argument("--ac", choices=("none", "selective", "full"), default="full")
+    ap.add_argument("--ac", choices=AC_MODES, default="full")
+    ap.add_argument("--ce-chunk", type=int, default=4096, help="diffusion.ce_chunk (rows of logits at a time)")
+    ap.add_argument("--attn-mask", choices=("flex", "dense", "varlen", "none"), default="flex",
+                    help="the attention backend's per-batch mask: flex (auto on CUDA without flash-attn), dense "
+                    "(sdpa), varlen (flash-attn), none (unpacked rows)")
+    ap.add_argument("--reduce-every-micro-batch", action="store_true",
+                    help="parallel.reduce_every_micro_batch: no unsharded gradients held across micro-batches")
     ap.add_argument("--ac-every", type=int, default=2)
     ap.add_argument("--param-dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0)
     ap.add_argument("--vocab-size", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
-    mcfg, cfg_seq = _model_config(args)
+    mcfg, cfg_seq, cfg_batch, cfg_steps = _model_config(args)
     layout = Layout(args.nodes, args.gpus_per_node, args.tp, args.dp_replicate)
     seq_len = args.seq_len or cfg_seq or mcfg.max_seq_len
     dp = layout.world // (layout.tp * layout.dp_replicate)
-    global_batch = args.global_batch or args.micro_batch * dp
+    global_batch = args.global_batch or cfg_batch or args.micro_batch * dp
     try:
         p = plan(mcfg, layout, seq_len=seq_len, global_batch=global_batch, micro=args.micro_batch, ac=args.ac,
                  ac_every=args.ac_every, param_dtype_bytes=2 if args.param_dtype == "bf16" else 4,
-                 gpu_gib=args.gpu_memory_gib)
+                 gpu_gib=args.gpu_memory_gib, ce_chunk=args.ce_chunk, attn_mask=args.attn_mask,
+                 reduce_every_micro_batch=args.reduce_every_micro_batch)
     except ValueError as e:
         sys.exit(f"plan error: {e}")
+    p["model"] = p["model"] or args.config  # a recipe without a preset is named by its file
+    p["steps"] = cfg_steps  # a recipe's train.steps: its whole run in tokens
     print(json.dumps(p, indent=1) if args.json else render(p))
 
 

@@ -19,7 +19,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     causal: bool = False  # True: autoregressive baseline with the same code
-    attn_backend: Literal["sdpa", "flash"] = "sdpa"
+    # auto: sdpa on CPU; on CUDA flash-attn (if installed) > FlexAttention > sdpa for masked batches
+    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
     init_std: float = 0.02
 
     @property

@@ -52,6 +52,7 @@ class PrepareConfig:
     doc_split: Literal["paragraph", "line", "file", "wikitext"] = "paragraph"  # what a document is in text files
     on_decode_error: Literal["strict", "replace"] = "strict"
     max_docs: int = 0  # 0: all
+    strip_gutenberg: bool = False  # text files: keep only the lines between `*** START OF` and `*** END OF`
     tokenizer: str = "bpe"  # "bpe" (train a byte-level BPE), a tokenizer.json path, a folder, or a hub name
     vocab_size: int = 8192  # for a trained BPE, special tokens included
     bpe_sample_bytes: int = 1 << 30  # train the BPE on at most this much text
@@ -73,14 +74,21 @@ class DataConfig:
     extra_valid: list[str] = field(default_factory=list)  # text files (or prepared folders) evaluated as extra validation sets
     extra_valid_doc_split: Literal["paragraph", "line", "file", "wikitext"] = "paragraph"
     random_length_prob: float = 0.01  # LLaDA: this fraction of batches is cut to a random length in [1, L]
+    # packed: documents (each + EOS) packed back to back into seq_len windows; wrapped: MDLM's training blocks,
+    # [BOS] + (seq_len - 2) + [EOS] cut from that stream (EOS between documents), so a model trained this way
+    # is not charged for a block's framing tokens at zero-shot evaluation (eval.ppl --protocol mdlm)
+    framing: Literal["packed", "wrapped"] = "packed"
+    unique_tokens: int = 0  # data-constrained runs: train on the first U unique tokens of the shuffled order, repeated; 0: all
 
 
 @dataclass
 class DiffusionConfig:
     objective: Literal["mdm", "ar"] = "mdm"  # ar: next-token CE baseline (needs model.causal=true)
-    schedule: Literal["linear", "cosine"] = "linear"
+    schedule: Literal["linear", "cosine", "poly", "cos_alpha"] = "linear"  # cosine/poly: MD4's (eps-squeezed); cos_alpha: alpha = cos(pi t/2)
+    poly_exponent: float = 2.0  # schedule=poly: alpha = 1 - t^k (MD4's polyk)
     eps: float = 1e-3  # p_mask = (1 - eps) t + eps keeps t off zero
     t_sampling: Literal["stratified", "uniform"] = "stratified"  # stratified over the global batch
+    ce_chunk: int = 4096  # masked-position cross-entropy runs this many rows of logits at a time (0: all at once)
 
 
 @dataclass
@@ -113,12 +121,25 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto: latest checkpoint in the run directory; none; or a checkpoint path
+    # Continued pretraining: start from this run directory or checkpoint's weights only (fresh optimizer, step
+    # 0; `python -m pretrain.convert` makes one from a LLaDA or SMDM checkpoint). A checkpoint of this run
+    # itself, when there is one to resume, takes precedence. "": start from random weights.
+    init_from: str = ""
     samples: int = 4  # sequences sampled at the end of training (0 to skip)
     sample_steps: int = 64
     sample_temperature: float = 1.0
     peak_flops: float = 0.0  # per device, for MFU; 0: measured fp32 matmul peak on CPU, table on CUDA
     threads: int = 0  # torch CPU threads; 0: leave the default
     stop_after: int = 0  # stop (after saving) once this many steps ran in this process; 0: never (tests, drills)
+    # Fault tolerance (docs/fault-tolerance.md)
+    keep_every: int = 0  # checkpoints at multiples of this step are milestones, never rotated away; 0: none
+    max_bad_steps: int = 10  # stop after this many consecutive skipped (non-finite / spiking) steps; 0: never
+    loss_spike_factor: float = 0.0  # skip a step whose loss exceeds k x the running median; 0: off
+    loss_spike_window: int = 100  # good steps in that running median
+    allow_config_change: list[str] = field(default_factory=list)  # keys a resumed run may change knowingly
+    verify_checkpoint: Literal["hash", "size", "none"] = "hash"  # manifest check before a checkpoint loads
+    preempt_grace_s: float = 0.0  # SIGTERM: save only if it fits in this many seconds after the signal; 0: always save
+    ema_decay: float = 0.0  # exponential moving average of the weights (MDLM: 0.9999), kept in checkpoints; 0: off
 
 
 @dataclass
@@ -135,9 +156,17 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: whatever the world size leaves after dp_replicate and tp
     tp: int = 1
-    activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    # full: recompute every block; selective: every ac_every-th block; op: every block, but keep the outputs of
+    # matmuls and attention (recompute only norms, RoPE and activations)
+    activation_checkpoint: Literal["none", "full", "selective", "op"] = "none"
     ac_every: int = 2  # selective: checkpoint every N-th block
     compile: bool = False
+    reshard_after_forward: Literal["default", "always", "never"] = "default"  # FSDP2; default: all units but the head
+    async_tp: bool = False  # CUDA + tp > 1 + compile: overlap TP collectives with matmuls (symmetric memory)
+    reduce_every_micro_batch: bool = False  # true: FSDP reduces gradients after every micro-batch (less memory)
+    timeout_s: int = 0  # process-group timeout in seconds (collectives waiting longer fail); 0: torch's default
+    flight_recorder: int = 0  # NCCL flight recorder: keep this many collective records, dumped on timeout; 0: off
+    float8: bool = False  # CUDA (H100+) with torchao: float8 matmuls in the blocks' linear layers (head stays bf16)
     zero_stage: int = 1  # deepspeed only
     async_save: bool = False
 
@@ -154,6 +183,9 @@ class Config:
 
     def validate(self) -> None:
         checks = [
+            (bool(self.train.init_from) and self.train.resume not in ("auto", "none"),
+             f"train.init_from={self.train.init_from} and train.resume={self.train.resume} both name a starting "
+             f"point: use init_from for weights only (fresh optimizer, step 0), resume to continue a run exactly"),
             (self.diffusion.objective == "ar" and not self.model.causal,
              "diffusion.objective=ar needs model.causal=true (an autoregressive model must not see the future)"),
             (self.diffusion.objective == "mdm" and self.model.causal,
@@ -177,11 +209,47 @@ class Config:
             (any(not s.path for s in self.data.sources), "every data.sources entry needs a path"),
             (any(not s.weight > 0 for s in self.data.sources), "data.sources weights must be positive"),
             (not 0 <= self.data.valid_fraction < 0.5, "data.valid_fraction must lie in [0, 0.5)"),
+            (self.data.unique_tokens < 0, "data.unique_tokens must be >= 0 (0: all the training data)"),
+            (self.data.unique_tokens > 0 and self.data.kind != "prepared",
+             "data.unique_tokens needs data.kind=prepared (the synthetic language has no finite set to repeat)"),
             (self.data.kind == "synthetic" and bool(self.data.extra_valid),
              "data.extra_valid needs data.kind=prepared (text is tokenized with the prepared data's tokenizer)"),
             (self.parallel.zero_stage not in (0, 1, 2, 3), "parallel.zero_stage must be 0, 1, 2 or 3"),
+            (self.diffusion.ce_chunk < 0, f"diffusion.ce_chunk={self.diffusion.ce_chunk} must be >= 0 (rows of logits "
+             "per cross-entropy chunk; 0: all at once)"),
+            (self.parallel.timeout_s < 0, f"parallel.timeout_s={self.parallel.timeout_s} must be >= 0 (0: torch's default)"),
+            (self.parallel.flight_recorder < 0, "parallel.flight_recorder must be >= 0 (records kept; 0: off)"),
+            (self.parallel.float8 and (self.parallel.tp > 1 or self.parallel.engine != "native"),
+             "parallel.float8=true runs with the native engine and data parallelism only (float8 tensor parallel "
+             "needs torchao's float8 TP styles, not wired in): set parallel.tp=1 and parallel.engine=native, or "
+             "float8=false"),
+            (self.parallel.async_tp and (self.parallel.tp < 2 or not self.parallel.compile),
+             "parallel.async_tp=true needs parallel.tp > 1 and parallel.compile=true (it is a compiler pass over "
+             "the tensor-parallel collectives); set both or turn async_tp off"),
             (self.train.eval_every <= 0 or self.train.log_every <= 0 or self.train.save_every <= 0,
              "train.eval_every, train.log_every and train.save_every must be positive"),
+            (self.train.keep_every < 0 or self.train.max_bad_steps < 0 or self.train.keep_checkpoints < 0,
+             "train.keep_every, train.max_bad_steps and train.keep_checkpoints must be >= 0 (0: off / keep all)"),
+            (self.train.loss_spike_factor < 0 or 0 < self.train.loss_spike_factor <= 1,
+             f"train.loss_spike_factor={self.train.loss_spike_factor} must be 0 (off) or above 1 (a multiple of "
+             f"the running median loss, e.g. 3)"),
+            (self.train.loss_spike_window < 1, "train.loss_spike_window must be at least 1"),
+            (self.train.loss_spike_factor > 0 and self.parallel.engine == "deepspeed",
+             "train.loss_spike_factor needs parallel.engine=native: DeepSpeed applies the update inside its own "
+             "step, before the loss can be judged (its ZeRO stages still drop non-finite updates)"),
+            (self.train.preempt_grace_s < 0, "train.preempt_grace_s must be >= 0 (0: always save on a signal)"),
+            (not 0 <= self.train.ema_decay < 1, f"train.ema_decay={self.train.ema_decay} must lie in [0, 1) (0: no "
+             f"EMA; MDLM uses 0.9999)"),
+            (self.train.ema_decay > 0 and self.parallel.engine == "deepspeed",
+             "train.ema_decay needs parallel.engine=native (the EMA is kept and checkpointed with the DCP state); "
+             "set train.ema_decay=0 with DeepSpeed"),
+            (not self.diffusion.poly_exponent > 0, f"diffusion.poly_exponent={self.diffusion.poly_exponent} must be "
+             f"> 0 (schedule=poly: alpha = 1 - t^k; MD4 uses e.g. 2 or 3)"),
+            (self.data.framing == "wrapped" and self.data.kind != "prepared",
+             "data.framing=wrapped needs data.kind=prepared (text with an EOS token; the synthetic language has no "
+             "documents to frame)"),
+            (self.data.framing == "wrapped" and self.data.seq_len < 3,
+             f"data.framing=wrapped needs data.seq_len >= 3 ([BOS] + text + [EOS]), got {self.data.seq_len}"),
         ]
         for bad, message in checks:
             if bad:
@@ -351,6 +419,8 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not a text (UTF-8) YAML file: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (model, data, train, ...)")
     for item in overrides:

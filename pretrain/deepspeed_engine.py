@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import Checkpointer, EngineMismatch, check_engine, read_trainer_state
+from .checkpoint import (CheckpointError, Checkpointer, CorruptCheckpoint, EngineMismatch, all_finite, check_engine,
+                         read_trainer_state, verify_checkpoint)
 
 
 def deepspeed_config(cfg, *, micro: int, accum: int, dp_size: int, use_bf16: bool) -> dict:
@@ -86,23 +87,33 @@ class DeepSpeedEngine:
         self.model = self.engine  # forward goes through the engine (ZeRO-3 gathers parameters in its hooks)
         self.dp_size = dp_size
         self.zero_stage = p.zero_stage
-        self.ckpt = Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
+        self.ckpt = Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints, keep_every=cfg.train.keep_every,
+                                 verify=cfg.train.verify_checkpoint)
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
+        # DeepSpeed knows the accumulation boundary itself (gradient_accumulation_steps); `last` is implied.
         # DeepSpeed divides by gradient_accumulation_steps itself, and wants step() after every micro-batch:
         # it reduces gradients and updates only at the accumulation boundary.
         self.engine.backward(loss)
         self.engine.step()
 
-    def step(self) -> torch.Tensor:
+    def step(self, guard=None) -> torch.Tensor:
+        """The update already ran at the accumulation boundary inside backward(); ZeRO (stages 1-3) drops an
+        update whose gradient norm is not finite by itself. The guard only records such a step as skipped."""
         norm = self.engine.get_global_grad_norm()
-        return torch.tensor(float("nan") if norm is None else float(norm))
+        norm = torch.tensor(float("nan") if norm is None else float(norm))
+        if guard is not None and self.engine.get_global_grad_norm() is not None:
+            guard(norm)
+        return norm
 
     def save(self, step: int, trainer_state: dict, *, blocking: bool = True) -> Path:
+        if not all_finite(self.engine.module):
+            raise CheckpointError(f"the weights at step {step} are not finite: not writing a checkpoint from them; "
+                                  f"roll back to an earlier one (python -m pretrain ... --rollback STEP)")
         tmp, final = self.ckpt.stage(step)
         # save_latest=False: "latest" pointers are ours (the newest complete step_* directory).
         self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
@@ -121,10 +132,14 @@ class DeepSpeedEngine:
             raise EngineMismatch(f"{path} holds ZeRO partitions for {state.get('dp_size')} data-parallel ranks but "
                                  f"this run has {self.dp_size}: DeepSpeed checkpoints resume at the same size (the "
                                  f"native engine reshards freely; DeepSpeed offers ds_to_universal for this)")
-        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+        verify_checkpoint(path, self.ckpt.verify)
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:  # unreadable files: a fallback may follow
+            raise CorruptCheckpoint(f"checkpoint {path} could not be read by DeepSpeed: {e}") from e
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+            raise CorruptCheckpoint(f"DeepSpeed could not load the checkpoint in {path}")
         if dist.is_initialized():
             dist.barrier()
         return state

@@ -36,3 +36,46 @@ def peak_flops(device: torch.device, configured: float = 0.0) -> tuple[float, st
                 return value, f"{name} bf16 datasheet"
         return measure_matmul_peak(device, torch.bfloat16, n=8192), f"{name} measured bf16 matmul"
     return measure_matmul_peak(device), "measured fp32 matmul (CPU)"
+
+
+# ----------------------------------------------------------------------------- compute budgets
+
+def mean_mask_fraction(schedule: str, eps: float, points: int = 100_000, poly_exponent: float = 2.0) -> float:
+    """E_u[p_mask((1 - eps) u + eps)], u ~ U(0, 1]: the share of positions whose logits masked diffusion computes
+    (midpoint rule; exact for the linear schedule: (1 - eps) / 2 + eps)."""
+    from .diffusion import get_schedule, noise_level
+    u = (torch.arange(points, dtype=torch.float64) + 0.5) / points
+    return float(get_schedule(schedule, poly_exponent).mask_prob(noise_level(u, eps)).mean())
+
+
+def length_moments(seq_len: int, random_length_prob: float) -> tuple[float, float]:
+    """(E[l], E[l^2]) of a training sequence's length: l = L, or with probability r uniform on {1..L} (LLaDA's
+    random-length batches). E[l] = L (1 - r) + r (1 + L) / 2 is SMDM's correction."""
+    L, r = seq_len, random_length_prob
+    return L * (1 - r) + r * (1 + L) / 2, L * L * (1 - r) + r * (L + 1) * (2 * L + 1) / 6
+
+
+def step_flops(cfg, n_nonembed: int) -> dict[str, float]:
+    """Expected training FLOPs of one optimizer step of `cfg` (pretrain.config.Config, vocab known), by term,
+    plus the expected tokens per step. Weight and head FLOPs scale with a sequence's length l, attention with l^2;
+    the head is counted where the objective computes logits (every position for AR, the mean masked fraction
+    for MDM); attention is counted over the full square (dense kernels, causal or not)."""
+    from model.params import flops_by_term
+    mdm = cfg.diffusion.objective == "mdm"
+    h = mean_mask_fraction(cfg.diffusion.schedule, cfg.diffusion.eps,
+                           poly_exponent=cfg.diffusion.poly_exponent) if mdm else 1.0
+    e1, e2 = length_moments(cfg.data.seq_len, cfg.data.random_length_prob)
+    per_tok = flops_by_term(cfg.model, 1, n_nonembed, head_fraction=h)  # attention per token at length 1
+    G = cfg.train.global_batch_size
+    out = {"weights": G * e1 * per_tok["weights"], "attention": G * e2 * per_tok["attention"],
+           "head": G * e1 * per_tok["head"]}
+    out["total"] = out["weights"] + out["attention"] + out["head"]
+    out["tokens"] = G * e1
+    out["head_fraction"] = h
+    return out
+
+
+def steps_for_budget(cfg, budget: float, n_nonembed: int) -> int:
+    """The number of optimizer steps whose expected training FLOPs fit in `budget` (rounded down); 0 when the
+    budget is below one step."""
+    return int(budget // step_flops(cfg, n_nonembed)["total"])

@@ -11,7 +11,10 @@ class MetricLogger:
     def __init__(self, run_dir: Path, *, rank: int, wandb_mode: str = "disabled", project: str = "unmask",
                  name: str = "run", config: Optional[dict] = None):
         self.rank = rank
-        self.file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+        self.file = None
+        if rank == 0:
+            _drop_torn_line(run_dir / "metrics.jsonl")
+            self.file = open(run_dir / "metrics.jsonl", "a")
         self.wandb = None
         if rank == 0 and wandb_mode != "disabled":
             import wandb
@@ -32,3 +35,16 @@ class MetricLogger:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _drop_torn_line(path: Path) -> None:
+    """A run killed mid-write leaves a partial last line; cut it off before appending (a resumed run re-logs
+    that step), so it never ends up in the middle of the file."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()  # a record is far shorter than 1 MiB
+        if tail and not tail.endswith(b"\n"):
+            f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)

@@ -4,10 +4,12 @@ One 3-D mesh (dp_replicate, dp_shard, tp). Applied in this order (torchtitan's),
 
 1. tensor + sequence parallel (`parallelize_module`): column-wise wq/wk/wv and w1/w3, row-wise wo and w2,
    RMSNorms run on sequence shards, vocab-parallel embedding and output head, loss-parallel cross-entropy;
-2. activation checkpointing of whole blocks (every block, or every N-th);
-3. `torch.compile` per block;
-4. FSDP2 `fully_shard` per block, then the root, over the data-parallel dims (HSDP when dp_replicate > 1),
-   with bf16 parameters / fp32 gradient reduction on CUDA and fp32 throughout on CPU.
+2. activation checkpointing: whole blocks (every block, or every N-th), or op-level (every block, keeping
+   matmul and attention outputs);
+3. `torch.compile` per block (with TP too; async TP as a CUDA switch);
+4. FSDP2 `fully_shard` units like torchtitan's: the embedding, each block, [final norm + output head], then
+   the root, over the data-parallel dims (HSDP when dp_replicate > 1), with bf16 parameters / fp32 gradient
+   reduction when training in bf16 (and then no autocast: pretrain/step.py), fp32 throughout otherwise.
 
 The model file knows none of this. Two things cross the boundary and live here:
 - `init_weights`: the model's own initializer, made layout-independent (a seed gives the same weights under
@@ -50,12 +52,6 @@ class ParallelDims:
         if dp_shard < 1:
             raise ValueError(f"parallel.dp_shard={dp_shard} must be >= 1 (or -1: whatever the world size leaves)")
         dims = cls(pcfg.dp_replicate, dp_shard, pcfg.tp, world_size)
-        if pcfg.tp > 1 and pcfg.compile:
-            # Checked on torch 2.13 (CPU): compiled blocks holding DTensor TP layers fail in backward
-            # ("'Tensor' object has no attribute '_local_tensor'" in Redistribute.backward). Refuse up front.
-            raise ValueError("parallel.compile=true with parallel.tp > 1 is not supported (torch 2.13 fails in the "
-                             "backward of compiled tensor-parallel blocks); compile with data parallelism only, or "
-                             "use tp without compile")
         if pcfg.tp > 1 and pcfg.engine == "deepspeed":
             raise ValueError("parallel.engine=deepspeed runs ZeRO data parallelism only: set parallel.tp=1")
         if dims.dp_replicate * dims.dp_shard * dims.tp != world_size:
@@ -83,8 +79,12 @@ class ParallelDims:
                                  f"each tp rank an equal slice; pick a tp that divides it")
 
 
-def init_distributed(device_pref: str = "auto") -> tuple[int, int, torch.device]:
-    """Join the process group torchrun describes (if any). Returns (rank, world_size, device)."""
+def init_distributed(device_pref: str = "auto", *, timeout_s: int = 0, flight_recorder: int = 0
+                     ) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (if any). Returns (rank, world_size, device).
+    timeout_s: how long a collective may wait before it fails (0: torch's default, 10 minutes for NCCL).
+    flight_recorder: NCCL keeps the last N collectives per rank and dumps them (to TORCH_FR_DUMP_TEMP_FILE,
+    default /tmp/nccl_trace_rank_<r>) when a collective times out: which rank stopped where."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -94,8 +94,13 @@ def init_distributed(device_pref: str = "auto") -> tuple[int, int, torch.device]
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    if flight_recorder > 0:  # read by NCCL's process group when it is created
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", str(flight_recorder))
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+        os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", "/tmp/nccl_trace_rank_")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        kwargs = {"timeout": __import__("datetime").timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
+        dist.init_process_group("nccl" if use_cuda else "gloo", **kwargs)
     return rank, world, device
 
 
@@ -154,8 +159,8 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
     head turns the selected (N, dim) rows into vocab-sharded (N, V/tp) logits for the loss-parallel
     cross-entropy. Only the (N, dim) hidden state is replicated; the (N, V) logits never are."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleOutput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                                   RowwiseParallel, SequenceParallel, parallelize_module)
     parallelize_module(model, tp_mesh, {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
@@ -166,8 +171,18 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
                                                                 desired_output_layouts=Replicate(),
                                                                 use_local_output=True))
     model.output.register_forward_hook(_gather_logits_outside_loss)
+    model.tok_embeddings.register_forward_hook(_settle_async_output)
+    model.output.vocab_parallel = True  # the model computes its cross-entropy loss-parallel, unchunked
+    # Attention and FFN take the normed residual (sequence shards) first and gather it to the full sequence;
+    # whatever follows (the complex RoPE table, the per-batch attention masks) is a plain tensor and passes
+    # untouched. A parallel style (not a hand-written hook) so that compiled blocks trace it.
+    gather_attention = PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                          desired_input_layouts=(Replicate(), None, None))
+    gather_ffn = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
     for block in model.layers:
         parallelize_module(block, tp_mesh, {
+            "attention": gather_attention,
+            "feed_forward": gather_ffn,
             "attention_norm": SequenceParallel(),
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
@@ -178,16 +193,15 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
             "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         })
-        # Attention and FFN take the normed residual (sequence shards) first; whatever follows (rope table,
-        # per-token masks) is a plain full-sequence tensor and passes untouched.
-        block.attention.register_forward_pre_hook(_gather_sequence)
-        block.feed_forward.register_forward_pre_hook(_gather_sequence)
 
 
-def _gather_sequence(module, args):
-    from torch.distributed.tensor import Replicate
-    x, *rest = args
-    return (x.redistribute(placements=[Replicate()] * x.device_mesh.ndim), *rest)
+
+def _settle_async_output(module, args, out):
+    # The embedding's reduce-scatter is asynchronous: its local output is an AsyncCollectiveTensor. Handed to a
+    # compiled block as is, its gradient reaches the reduce-scatter's backward as a plain tensor and fails
+    # (torch 2.13, CPU); one cheap op here waits for it and gives the block an ordinary tensor.
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+    return out.clone() if isinstance(out, AsyncCollectiveTensor) else out
 
 
 def _gather_logits_outside_loss(module, args, out):
@@ -234,45 +248,128 @@ def sequence_length(length: int, dims: ParallelDims) -> int:
 # ----------------------------------------------------------------------------- activation checkpointing, compile
 
 def apply_ac(model: nn.Module, mode: str, every: int = 1) -> None:
-    """Recompute whole blocks in the backward pass: all of them ("full"), or every `every`-th ("selective",
-    blocks every-1, 2*every-1, ...), trading compute for activation memory. The wrapper's name disappears from
-    state dicts, so checkpoints do not depend on this setting."""
+    """Recompute in the backward pass, trading compute for activation memory:
+    - full: whole blocks, all of them; selective: whole blocks, every `every`-th (blocks every-1, 2*every-1, ...);
+    - op: every block, but the outputs of matmuls and attention kernels are saved (the expensive FLOPs run
+      once); norms, RoPE, SwiGLU's activation and the residual adds are recomputed (torchtitan's op-level
+      selective checkpointing, with a save-all-matmuls policy).
+    The wrapper's name disappears from state dicts, so checkpoints do not depend on this setting."""
     if mode == "none":
         return
-    if mode not in ("full", "selective"):
-        raise ValueError(f"parallel.activation_checkpoint={mode!r}; choose none, full or selective")
+    if mode not in ("full", "selective", "op"):
+        raise ValueError(f"parallel.activation_checkpoint={mode!r}; choose none, full, selective or op")
     if mode == "selective" and every < 1:
         raise ValueError(f"parallel.ac_every={every} must be >= 1")
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    extra = {}
+    if mode == "op":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+        extra = {"context_fn": lambda: create_selective_checkpoint_contexts(_op_sac_policy)}
     for i, block in enumerate(model.layers):
-        if mode == "full" or (i + 1) % every == 0:
+        if mode in ("full", "op") or (i + 1) % every == 0:
             # preserve_rng_state=False: the blocks draw no random numbers (no dropout), so nothing to replay.
-            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **extra)
+
+
+def _saved_ops() -> set:
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.linear.default,
+           aten._scaled_dot_product_flash_attention.default,
+           aten._scaled_dot_product_efficient_attention.default,
+           aten._scaled_dot_product_cudnn_attention.default,
+           aten._scaled_dot_product_flash_attention_for_cpu.default}
+    for name in ("_c10d_functional.reduce_scatter_tensor.default",):  # TP: no second reduce-scatter in recompute
+        ns, op, overload = name.split(".")
+        ops.add(getattr(getattr(getattr(torch.ops, ns), op), overload))
+    return ops
+
+
+_SAVED_OPS: Optional[set] = None
+
+
+def _op_sac_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    global _SAVED_OPS
+    if _SAVED_OPS is None:
+        _SAVED_OPS = _saved_ops()
+    if op in _SAVED_OPS or "flex_attention" in str(op):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same tracing and autograd, no C++ code generation
 
 
 def apply_compile(model: nn.Module) -> None:
     """Compile each block separately (they share one graph, so it compiles once): the loop over blocks and
-    FSDP's per-block collectives stay in eager Python. In-place, so parameter names are unchanged."""
+    FSDP's per-block collectives stay in eager Python. In-place, so parameter names are unchanged. Works
+    with tensor parallelism: the sequence gather is a parallel style (PrepareModuleInput) that dynamo traces
+    into the block's graph, and the embedding's asynchronous output is settled before the first block."""
     for block in model.layers:
-        block.compile(fullgraph=False)
+        block.compile(fullgraph=False, backend=COMPILE_BACKEND)
+
+
+def enable_async_tp(tp_mesh) -> None:
+    """Async TP (CUDA): the compiler fuses TP all-gathers/reduce-scatters with the adjacent matmuls over
+    symmetric memory. Needs compile (validated in the config) and an NCCL tp group."""
+    from torch._inductor import config as inductor_config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+    inductor_config._micro_pipeline_tp = True
+    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+
+
+def apply_float8(model: nn.Module) -> None:
+    """Float8 training (torchao, H100 and newer): the blocks' nn.Linear layers become Float8Linear (dynamic
+    tensorwise scaling; weights stay fp32 masters, matmuls run in float8). The output head stays in bf16 (the
+    logits' precision matters most for the loss), as in torchtitan. Gathers stay bf16 under FSDP (torchao's
+    float8 all-gather would need a scale precompute after every optimizer step)."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise RuntimeError("parallel.float8=true needs torchao (pip install torchao) and a CUDA device with "
+                           "float8 tensor cores (H100 or newer)") from e
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        raise RuntimeError("parallel.float8=true needs a CUDA device with float8 tensor cores (sm_89 / H100 or "
+                           "newer)")
+
+    def in_blocks(module, fqn: str) -> bool:
+        # float8 matmuls need both dimensions divisible by 16
+        return fqn.startswith("layers.") and module.in_features % 16 == 0 and module.out_features % 16 == 0
+    convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=in_blocks)
 
 
 # ----------------------------------------------------------------------------- FSDP2
 
-def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: Optional[torch.dtype]) -> None:
-    """Shard every block, then the root (embedding, final norm, head). Parameters are gathered per block just
-    in time in `param_dtype` and gradients reduce-scattered in fp32."""
+def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: Optional[torch.dtype], reshard: str = "default") -> None:
+    """torchtitan's units: the embedding, each block, [final norm + output head] together, then the root
+    (which then holds no parameters). Parameters are gathered per unit just in time in `param_dtype` and
+    gradients reduce-scattered in fp32, each unit's reduce-scatter overlapping the backward of the next.
+
+    reshard_after_forward, chosen per unit: "default" frees the gathered parameters of the embedding and of
+    every block after their forward except the last block's and the head's (backward starts with those at
+    once, so freeing and re-gathering them would only add all-gathers); "always" frees all (least memory);
+    "never" keeps all gathered (ZeRO-2-like: no all-gathers in backward)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if reshard not in ("default", "always", "never"):
+        raise ValueError(f"parallel.reshard_after_forward={reshard!r}; choose default, always or never")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    body = reshard != "never"
+    tail = reshard == "always"  # the last block and the head
     n = len(model.layers)
+    fully_shard(model.tok_embeddings, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=body)
     for i, block in enumerate(model.layers):
-        # The last block's parameters are needed again at the start of backward: keep them gathered.
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=body if i < n - 1 else tail)
+    fully_shard([model.norm, model.output], mesh=dp_mesh, mp_policy=mp, reshard_after_forward=tail)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=body)
 
 
 def dp_mesh_of(mesh, dims: ParallelDims):
     return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+
+
+def uses_fsdp(pcfg, dims: ParallelDims, mesh) -> bool:
+    """Whether parallelize() shards the model with FSDP2 (and so owns the bf16 cast)."""
+    return getattr(pcfg, "engine", "native") == "native" and mesh is not None and dims.dp > 1
 
 
 def parallelize(model: nn.Module, pcfg, dims: ParallelDims, mesh, *, param_dtype: Optional[torch.dtype] = None
@@ -288,13 +385,17 @@ def parallelize(model: nn.Module, pcfg, dims: ParallelDims, mesh, *, param_dtype
         if pcfg.compile:
             apply_compile(model)
         return model
+    if getattr(pcfg, "float8", False):
+        apply_float8(model)
     if dims.tp > 1:
         apply_tp(model, mesh["tp"])
+        if getattr(pcfg, "async_tp", False):
+            enable_async_tp(mesh["tp"])
     apply_ac(model, pcfg.activation_checkpoint, pcfg.ac_every)
     if pcfg.compile:
         apply_compile(model)
-    if mesh is not None and dims.dp > 1:
-        apply_fsdp(model, dp_mesh_of(mesh, dims), param_dtype)
+    if uses_fsdp(pcfg, dims, mesh):
+        apply_fsdp(model, dp_mesh_of(mesh, dims), param_dtype, getattr(pcfg, "reshard_after_forward", "default"))
     return model
 
 

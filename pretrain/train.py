@@ -13,17 +13,19 @@ import torch.distributed as dist
 from data import Loader, build_data
 from model import Transformer, count_params, flops_per_token
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, step_of
 from .config import Config, ConfigError, save_config, to_dict
-from .diffusion import StepNoise, ar_loss, draw_step_noise, get_schedule, mdm_loss
+from .diffusion import draw_step_noise, get_schedule
 from .engine import build_engine
 from .flops import peak_flops
-from .lr import lr_at
+from .guard import BadStepGuard
 from .metrics import MetricLogger
 from .plot import plot_runs
 from .parallel import (ParallelDims, build_mesh, cpu_group, dp_coordinates, init_distributed, init_weights,
-                       local_loss, loss_scope, parallelize, sequence_length)
+                       loss_scope, parallelize, uses_fsdp)
 from .preemption import Preemption
+from .resume import load_resumed, lr_for, plan_resume, record_rollback
+from .step import objective_loss, precision_context, train_step  # noqa: F401  (objective_loss: re-exported)
 
 
 def resolve_model(cfg: Config, data) -> None:
@@ -50,16 +52,6 @@ def build_optimizer(model, ocfg, fused: Optional[bool] = None) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps, fused=fused)
 
 
-def objective_loss(model, cfg: Config, x0, doc_ids, u, mask_uniform, schedule):
-    """Under tensor parallelism call inside parallel.loss_scope (forward and backward)."""
-    if cfg.diffusion.objective == "ar":
-        loss, stats = ar_loss(model, x0, doc_ids)
-    else:
-        loss, stats = mdm_loss(model, x0, u, mask_uniform, mask_id=cfg.model.mask_id, schedule=schedule,
-                               eps=cfg.diffusion.eps, doc_ids=doc_ids)
-    return local_loss(loss), stats
-
-
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         x = x.clone()
@@ -72,7 +64,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 def evaluate(model, cfg: Config, source, *, dp_rank: int, dp_size: int, micro: int, device, autocast) -> float:
     """Mean loss over train.eval_batches fixed validation batches with fixed noise (comparable across steps)."""
     model.eval()
-    schedule = get_schedule(cfg.diffusion.schedule)
+    schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.poly_exponent)
     G, L = cfg.train.global_batch_size, cfg.data.seq_len
     loader = Loader(source, seed=0, dp_rank=dp_rank, dp_size=dp_size)
     n = source.num_samples
@@ -93,7 +85,8 @@ def evaluate(model, cfg: Config, source, *, dp_rank: int, dp_size: int, micro: i
 
 
 def train(cfg: Config) -> dict:
-    rank, world, device = init_distributed(cfg.train.device)
+    rank, world, device = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s,
+                                           flight_recorder=cfg.parallel.flight_recorder)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
@@ -116,6 +109,10 @@ def train(cfg: Config) -> dict:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
+    fingerprint = getattr(data.info.get("tokenizer"), "fingerprint", None)
+    # Before anything is written: stale .tmp cleanup, the checkpoint choice (rank 0, broadcast), a requested
+    # rollback, and the config comparison (a fatal change stops here, leaving the run directory as it was).
+    plan = plan_resume(cfg, run_dir, group=cpu_group("checkpoint"), fingerprint=fingerprint)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -124,26 +121,45 @@ def train(cfg: Config) -> dict:
         save_run_tokenizer(data.info.get("tokenizer"), run_dir)
 
     use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+    # One precision policy (pretrain/step.py): FSDP's bf16 parameters without autocast, bf16 autocast
+    # without FSDP; DeepSpeed's bf16 mode casts the weights itself. fp32 master weights and loss everywhere.
+    precision = precision_context(device, use_bf16, fsdp=uses_fsdp(cfg.parallel, dims, mesh) or
+                                  cfg.parallel.engine == "deepspeed")
+    autocast = precision()
     with torch.device("meta"):
         model = Transformer(cfg.model)
     counts = count_params(model)
     model = parallelize(model, cfg.parallel, dims, mesh, param_dtype=torch.bfloat16 if use_bf16 else None)
     model.to_empty(device=device)
     init_weights(model, seed=cfg.train.seed)  # the same weights under every layout
+    if cfg.train.init_from and not plan.candidates:  # a checkpoint of this run to resume wins
+        from .convert import ConvertError, load_init_weights
+        try:  # continued pretraining: weights only, before the optimizer exists (fresh state, step 0)
+            source = load_init_weights(cfg.train.init_from, model, cfg.model)
+        except ConvertError as e:
+            raise ConfigError(str(e)) from None
+        if rank == 0:
+            print(f"initialised the weights from {source} (train.init_from; fresh optimizer, step 0)")
     optimizer = build_optimizer(model, cfg.optim)
-    schedule = get_schedule(cfg.diffusion.schedule)
+    schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.poly_exponent)
     # native: FSDP2/TP + DCP checkpoints; deepspeed: ZeRO + its checkpoints. Same model, loss and loader.
     engine = build_engine(cfg, model, optimizer, ckpt_dir=run_dir / "checkpoints", accum=accum, micro=micro,
                           dp_size=dp_size, use_bf16=use_bf16, process_group=cpu_group("checkpoint"))
     model = engine.model
+    if cfg.train.ema_decay > 0:
+        engine.attach_ema(cfg.train.ema_decay)  # before the resume, so the checkpoint's EMA loads into it
 
     step, consumed = 0, 0
-    resume_from = None if cfg.train.resume == "none" else (
-        latest_checkpoint(run_dir / "checkpoints") if cfg.train.resume == "auto" else Path(cfg.train.resume))
+    # The first candidate that loads; with resume=auto a corrupt latest checkpoint falls back, loudly.
+    resumed = load_resumed(engine, plan, cfg, warn=print if rank == 0 else (lambda *a, **k: None),
+                           fingerprint=fingerprint)
+    resume_from, saved = resumed.path, resumed.state
     if resume_from is not None:
-        state = engine.load(resume_from)
-        step, consumed = state["step"], state["consumed"]
+        step, consumed = saved["step"], saved["consumed"]
+    lr_anchor = resumed.anchor  # set when a resume changed the schedule: the LR continues, it does not jump
+    guard = BadStepGuard(cfg.train.max_bad_steps, cfg.train.loss_spike_factor, cfg.train.loss_spike_window,
+                         state=saved.get("guard"))
+    save_estimate = float(saved.get("save_seconds") or 0.0)  # seconds a save takes, for the SIGTERM decision
     loader = Loader(data.train, cfg.train.seed, dp_rank, dp_size)
 
     L = cfg.data.seq_len
@@ -155,10 +171,22 @@ def train(cfg: Config) -> dict:
     say(f"unmask | {data.description}")
     say(f"model {counts['total']:,} params ({counts['non_embedding']:,} non-embedding) | world {world} "
         f"(dp {dp_size}, tp {dims.tp}) | batch {G} x {L} tokens, micro {micro}, accum {accum} | "
-        f"{'bf16 autocast' if use_bf16 else 'fp32'} on {device} | peak {peak / 1e9:.0f} GFLOP/s ({peak_src})"
+        f"{precision_name(use_bf16, precision)} on {device} | peak {peak / 1e9:.0f} GFLOP/s ({peak_src})"
         + (f" | resumed at step {step}" if resume_from else ""))
     if data.true_entropy is not None:
         say(f"true entropy of the data: {data.true_entropy:.4f} nats/token — the loss bounds it from above")
+    if plan.rollback:
+        target, aside = plan.rollback
+        say(f"ROLLBACK to {target.name}: the newer checkpoints were moved to {aside}")
+        record_rollback(run_dir, target, aside, log)
+    for path, why in resumed.failed:
+        log.log({"step": step, "event": "checkpoint_fallback", "skipped_checkpoint": path.name, "reason": why})
+    for key, old, new, kind in resumed.changes:
+        if kind != "operational":  # how this attempt runs (layout, resume, logging) is not news
+            say(f"config change on resume ({kind}): {key}: {old!r} -> {new!r}")
+    if resumed.changes:
+        log.log({"step": step, "event": "config_change",
+                 "changes": {k: [old, new] for k, old, new, _ in resumed.changes}})
 
     bar = None
     if rank == 0 and cfg.logging.progress_bar and step < cfg.train.steps:
@@ -167,32 +195,22 @@ def train(cfg: Config) -> dict:
     write = bar.write if bar is not None else say
     val_loss = float("nan")
     window_t, window_tokens, ran = time.perf_counter(), 0, 0
-    preemption = Preemption(run_dir, rank, group=cpu_group("signals")).install()  # SIGUSR1/SIGTERM: save and exit
+    # SIGUSR1/SIGTERM: save (if it fits in the grace period) and exit for a requeue
+    preemption = Preemption(run_dir, rank, group=cpu_group("signals"), grace_s=cfg.train.preempt_grace_s).install()
     preempted = False
     model.train()
     while step < cfg.train.steps:
-        lr = lr_at(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup=cfg.optim.warmup_steps,
-                   total=cfg.train.steps, schedule=cfg.optim.schedule, decay_fraction=cfg.optim.decay_fraction)
+        lr = lr_for(step, cfg.optim, cfg.train.steps, lr_anchor)
         engine.set_lr(lr)
-        noise: StepNoise = draw_step_noise(cfg.train.seed, step, G, L, stratified=cfg.diffusion.t_sampling ==
-                                           "stratified", random_length_prob=cfg.data.random_length_prob,
-                                           device=device)
-        length = sequence_length(noise.length, dims)  # sequence parallelism needs a multiple of tp
-        ranks_rows = loader.rank_positions(0, G)  # this rank's rows of the global batch
-        step_loss = torch.zeros((), device=device)
-        for m in range(accum):
-            x0, doc = loader.micro_batch(consumed, G, micro, m)
-            rows = ranks_rows[m * micro:(m + 1) * micro]
-            x0 = x0[:, :length].to(device, non_blocking=True)
-            doc = doc[:, :length].to(device, non_blocking=True) if doc is not None else None
-            with loss_scope(dims.tp > 1):  # vocab-parallel cross-entropy under TP, forward and backward
-                with autocast:
-                    loss, _ = objective_loss(model, cfg, x0, doc, noise.u[rows], noise.mask_uniform[rows, :length],
-                                             schedule)
-                engine.backward(loss)
-            step_loss += loss.detach() / accum
-        grad_norm = engine.step()
+        result = train_step(engine, cfg, loader, step=step, consumed=consumed, micro=micro, accum=accum, dims=dims,
+                            device=device, schedule=schedule, precision=precision, guard=guard,
+                            ema=getattr(engine, "ema", None))
+        step_loss, grad_norm, length = result.loss, result.grad_norm, result.length
         step += 1
+        if result.skipped:  # no update anywhere: weights, optimizer state (and EMA) are as after step - 1
+            write(f"step {step:>6} | SKIPPED: {result.skipped} (consecutive {guard.consecutive}, total {guard.total})")
+            log.log({"step": step, "event": "bad_step", "skipped": result.skipped, "bad_steps": guard.total})
+            guard.check_limit(step, [step_of(p) for p in list_checkpoints(run_dir / "checkpoints")])
         ran += 1
         consumed += G
         window_tokens += G * length
@@ -205,33 +223,52 @@ def train(cfg: Config) -> dict:
             elapsed = time.perf_counter() - window_t
             tok_s = window_tokens / elapsed
             mfu = tok_s * flops_tok / (peak * world)
+            mem = peak_memory_gib(device)  # this rank's peak since the last log line (CUDA only)
             write(f"step {step:>6}/{cfg.train.steps} | loss {loss_val:.4f} | lr {lr:.2e} | gnorm {gn:.3f} | "
-                  f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}%")
+                  f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}%" + (f" | peak mem {mem:.1f} GiB" if mem else ""))
             log.log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": gn, "tokens_per_s": tok_s, "mfu": mfu,
-                     "tokens": consumed * L, "time": time.time()})
+                     "bad_steps": guard.total, "tokens": consumed * L, "time": time.time(),
+                     **({"peak_mem_gib": mem} if mem else {})})
             window_t, window_tokens = time.perf_counter(), 0
-        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            vals = {name: evaluate(model, cfg, src, dp_rank=dp_rank, dp_size=dp_size, micro=micro, device=device,
-                                   autocast=autocast) for name, src in data.valid.items()}
+        # The signal is checked after every step, before evaluation (which a stopping run skips).
+        preempted = preemption.requested(save_estimate)
+        if (step % cfg.train.eval_every == 0 or step == cfg.train.steps) and not preempted:
+            ema = getattr(engine, "ema", None)
+            with ema.swapped() if ema is not None else contextlib.nullcontext():  # MDLM validates the EMA
+                vals = {name: evaluate(model, cfg, src, dp_rank=dp_rank, dp_size=dp_size, micro=micro,
+                                       device=device, autocast=autocast) for name, src in data.valid.items()}
             val_loss = next(iter(vals.values()))
             gap = f" | true entropy {data.true_entropy:.4f} (gap {val_loss - data.true_entropy:+.4f})" \
                 if data.true_entropy is not None else ""
-            write(f"step {step:>6} | " + " | ".join(f"{k} loss {v:.4f} (ppl <= {math.exp(min(v, 50)):.2f})"
-                                                    for k, v in vals.items()) + gap)
+            write(f"step {step:>6} | " + ("EMA weights | " if ema is not None else "")
+                  + " | ".join(f"{k} loss {v:.4f} (ppl <= {math.exp(min(v, 50)):.2f})" for k, v in vals.items())
+                  + gap)
             oracle = {"true_entropy": data.true_entropy} if data.true_entropy is not None else {}
-            log.log({"step": step, **{f"val/{k}": v for k, v in vals.items()}, **oracle})
+            log.log({"step": step, **{f"val/{k}": v for k, v in vals.items()}, **oracle,
+                     "val_weights": "ema" if ema is not None else "raw"})
             window_t = time.perf_counter()
-        preempted = preemption.requested()
         stop_now = (cfg.train.stop_after and ran >= cfg.train.stop_after) or preempted
-        if step % cfg.train.save_every == 0 or step == cfg.train.steps or stop_now:
+        save_now = step % cfg.train.save_every == 0 or step == cfg.train.steps or stop_now
+        if save_now and preempted and not preemption.should_save():
+            save_now = False  # SIGTERM: a save would not finish before SIGKILL; the previous checkpoint stays latest
+        if save_now:
+            t0 = time.perf_counter()
             engine.save(step, {"step": step, "consumed": consumed, "seed": cfg.train.seed, "world_size": world,
                                "layout": {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard,
-                                          "tp": dims.tp}, "config": to_dict(cfg)})
+                                          "tp": dims.tp}, "config": to_dict(cfg), "lr_anchor": lr_anchor,
+                               "guard": guard.state(), "save_seconds": save_estimate,
+                               "data_fingerprint": fingerprint}, blocking=bool(stop_now))
+            measured = getattr(getattr(engine, "ckpt", None), "last_save_seconds", None)
+            save_estimate = measured or time.perf_counter() - t0
+            if stop_now or not cfg.parallel.async_save:  # the measured save time sizes the slurm grace period
+                write(f"step {step:>6} | checkpoint saved in {save_estimate:.2f} s")
             window_t = time.perf_counter()
         if preempted:
             engine.wait()
-            preemption.mark()
-            write(f"step {step:>6} | signal received: checkpoint saved, exiting for requeue")
+            last = latest_checkpoint(run_dir / "checkpoints")
+            preemption.mark(saved=save_now, latest=last.name if last else "")
+            kept = "checkpoint saved" if save_now else f"no time to save, {last.name if last else 'none'} stays latest"
+            write(f"step {step:>6} | signal received: {kept}, exiting for requeue")
         if stop_now:
             break
     engine.wait()
@@ -249,8 +286,23 @@ def train(cfg: Config) -> dict:
             "samples": samples, "preempted": preempted}
 
 
+def peak_memory_gib(device) -> float:
+    """Peak allocated CUDA memory since the previous call, in GiB (0 on CPU); resets the counter."""
+    if device.type != "cuda":
+        return 0.0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def precision_name(use_bf16: bool, precision) -> str:
+    if not use_bf16:
+        return "fp32"
+    return "bf16 autocast" if precision is not contextlib.nullcontext else "bf16 parameters (FSDP/DeepSpeed)"
+
+
 def sample_and_show(model, cfg: Config, data, device, autocast, say) -> list[list[int]]:
-    from eval.sample import generate
+    from model.sample import generate
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     length = min(cfg.data.seq_len, 64)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +11,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
+
+
+LOSS_TOL, GRAD_TOL, PARAM_TOL = 5e-6, 1e-5, 1e-4
+
+
+def check_equivalence(report: dict, name: str, steps: int) -> None:
+    """A layout's report (tests/dist_worker.py) against the unsharded single-process reference."""
+    r = report[name]
+    assert r["init"] == 0.0, f"{name}: initial weights differ from the unsharded init by {r['init']}"
+    assert len(r["loss"]) == steps
+    assert max(r["loss"]) < LOSS_TOL, f"{name}: loss differs by {max(r['loss'])}"
+    assert max(r["gnorm"]) < LOSS_TOL, f"{name}: gradient norm differs by {max(r['gnorm'])}"
+    assert max(r["grad"]) < GRAD_TOL, f"{name}: gradients differ by {max(r['grad'])}"
+    assert max(r["param"]) < PARAM_TOL, f"{name}: weights after the update differ by {max(r['param'])}"
 
 
 def env() -> dict:
@@ -77,3 +92,15 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def kill_tree(proc: subprocess.Popen) -> list[int]:
+    """SIGKILL torchrun and every worker it started, at once; returns the pids it killed."""
+    victims = [proc.pid] + descendants(proc.pid)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    return victims

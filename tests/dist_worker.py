@@ -23,12 +23,13 @@ import torch.distributed as dist  # noqa: E402
 from data import Loader, build_data  # noqa: E402
 from model import Transformer  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.diffusion import draw_step_noise, get_schedule  # noqa: E402
+from pretrain.diffusion import get_schedule  # noqa: E402
 from pretrain.engine import NativeEngine  # noqa: E402
 from pretrain.lr import lr_at  # noqa: E402
 from pretrain.parallel import (ParallelDims, build_mesh, dp_coordinates, init_distributed, init_weights,  # noqa: E402
-                               loss_scope, parallelize)
-from pretrain.train import build_optimizer, evaluate, objective_loss, resolve_model  # noqa: E402
+                               parallelize)
+from pretrain.step import train_step  # noqa: E402
+from pretrain.train import build_optimizer, evaluate, resolve_model  # noqa: E402
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 # Deterministic, quiet runs: no random-length batches (a layout-independent feature, but it would make the
@@ -53,7 +54,8 @@ def clean(name: str) -> str:
 
 def full(t: torch.Tensor) -> torch.Tensor:
     # A copy: the optimizer step clips gradients and updates weights in place.
-    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+    # (full_tensor of a replicated DTensor may return its local tensor itself, so clone either way)
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t.detach()).clone()
 
 
 def world_mean(x: torch.Tensor) -> float:
@@ -65,7 +67,9 @@ def world_mean(x: torch.Tensor) -> float:
 
 
 class Run:
-    """One model + optimizer in one layout (or unsharded), stepping like pretrain/train.py does."""
+    """One model + optimizer in one layout (or unsharded), stepped by the trainer's own pretrain.step.train_step
+    (noise, random-length cut, device copies, micro-batches, gradient sync, optimizer step). The gradients
+    are recorded inside engine.step, before clipping and the update."""
 
     def __init__(self, cfg, data, layout: dict | None):
         self.cfg, self.data = cfg, data
@@ -77,6 +81,7 @@ class Run:
             cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp = layout["rep"], layout["shard"], layout["tp"]
             cfg.parallel.activation_checkpoint = layout.get("ac", "none")
             cfg.parallel.ac_every = layout.get("ac_every", 2)
+            cfg.parallel.compile = layout.get("compile", False)
             self.dims = ParallelDims.from_config(cfg.parallel, dist.get_world_size())
             self.mesh = build_mesh(self.dims, torch.device("cpu"))
             with torch.device("meta"):
@@ -91,6 +96,13 @@ class Run:
         self.model = model
         self.engine = NativeEngine(model, build_optimizer(model, cfg.optim), grad_clip=cfg.optim.grad_clip,
                                    accum=self.accum, checkpointer=None)
+        self.last_grads, self.last_length = None, None
+        real_step = self.engine.step
+
+        def step_recording_grads():
+            self.last_grads = self.grads()
+            return real_step()
+        self.engine.step = step_recording_grads
         self.loader = Loader(data.train, cfg.train.seed, self.dp_rank, self.dp_size)
         self.schedule = get_schedule(cfg.diffusion.schedule)
 
@@ -100,26 +112,15 @@ class Run:
     def grads(self) -> dict[str, torch.Tensor]:
         return {clean(n): full(p.grad) for n, p in self.model.named_parameters()}
 
-    def forward_backward(self, step: int) -> float:
-        cfg, G, L = self.cfg, self.cfg.train.global_batch_size, self.cfg.data.seq_len
-        noise = draw_step_noise(cfg.train.seed, step, G, L, stratified=True, random_length_prob=0.0,
-                                device=torch.device("cpu"))
-        rows_all = self.loader.rank_positions(0, G)
-        total = torch.zeros(())
-        for m in range(self.accum):
-            x0, doc = self.loader.micro_batch(step * G, G, self.micro, m)
-            rows = rows_all[m * self.micro:(m + 1) * self.micro]
-            with loss_scope(self.dims.tp > 1):
-                loss, _ = objective_loss(self.model, cfg, x0, doc, noise.u[rows], noise.mask_uniform[rows], self.schedule)
-                self.engine.backward(loss)
-            total += loss.detach() / self.accum
-        return total
-
-    def optimizer_step(self, step: int) -> float:
-        o = self.cfg.optim
+    def step(self, step: int) -> tuple[torch.Tensor, float]:
+        """One training step as train() runs it. Returns (this rank's loss, gradient norm)."""
+        o, G = self.cfg.optim, self.cfg.train.global_batch_size
         self.engine.set_lr(lr_at(step, lr=o.lr, min_lr=o.min_lr, warmup=o.warmup_steps, total=self.cfg.train.steps,
                                  schedule=o.schedule, decay_fraction=o.decay_fraction))
-        return float(full(self.engine.step()))
+        result = train_step(self.engine, self.cfg, self.loader, step=step, consumed=step * G, micro=self.micro,
+                            accum=self.accum, dims=self.dims, device=torch.device("cpu"), schedule=self.schedule)
+        self.last_length = result.length
+        return result.loss, float(full(result.grad_norm))
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -141,18 +142,18 @@ def equivalence(out: Path, layouts: list[dict], steps: int, overrides: list[str]
     report = {name["name"]: {"init": max_diff(r.params(), ref.params()), "loss": [], "grad": [], "gnorm": [],
                              "param": []} for name, r in runs}
     report["_ref_loss"] = []
+    report["_ref_length"] = []
     for step in range(steps):
-        ref_loss = float(ref.forward_backward(step))
-        ref_grads = ref.grads()
-        ref_norm = ref.optimizer_step(step)
-        ref_params = ref.params()
+        ref_loss, ref_norm = ref.step(step)
+        ref_loss, ref_grads, ref_params = float(ref_loss), ref.last_grads, ref.params()
         report["_ref_loss"].append(ref_loss)
+        report["_ref_length"].append(ref.last_length)
         for layout, r in runs:
             rep = report[layout["name"]]
-            loss = world_mean(r.forward_backward(step))
-            rep["loss"].append(abs(loss - ref_loss))
-            rep["grad"].append(max_diff(r.grads(), ref_grads))
-            rep["gnorm"].append(abs(r.optimizer_step(step) - ref_norm))
+            loss, norm = r.step(step)
+            rep["loss"].append(abs(world_mean(loss) - ref_loss))
+            rep["grad"].append(max_diff(r.last_grads, ref_grads))
+            rep["gnorm"].append(abs(norm - ref_norm))
             rep["param"].append(max_diff(r.params(), ref_params))
     report["_ref_grad_scale"] = max(float(g.abs().max()) for g in ref_grads.values())
     write_json(out, f"equivalence_{tag}.json", report)
@@ -165,11 +166,15 @@ def sharded_bytes(out: Path, layout: dict) -> None:
     data = build_data(cfg.data, cfg.train.seed)
     resolve_model(cfg, data)
     r = Run(cfg, data, layout)
-    r.forward_backward(0)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
-    got = {"params": sum(local(p).numel() * local(p).element_size() for p in r.model.parameters()),
-           "grads": sum(local(p.grad).numel() * local(p.grad).element_size() for p in r.model.parameters())}
-    r.optimizer_step(0)
+    got = {"params": sum(local(p).numel() * local(p).element_size() for p in r.model.parameters())}
+    real_step = r.engine.step
+
+    def record_grad_bytes():
+        got["grads"] = sum(local(p.grad).numel() * local(p.grad).element_size() for p in r.model.parameters())
+        return real_step()
+    r.engine.step = record_grad_bytes
+    r.step(0)
     got["optimizer"] = sum(local(v).numel() * local(v).element_size() for s in r.engine.optimizer.state.values()
                            for v in s.values() if torch.is_tensor(v))
     gathered = [None] * dist.get_world_size()
@@ -299,7 +304,136 @@ def scenario_deepspeed(out: Path) -> None:
     write_json(out, "engine_mismatch.json", errors)
 
 
-SCENARIOS = {"two": scenario_two, "four": scenario_four, "resume": scenario_resume, "async_kill": scenario_async_kill,
+# ----------------------------------------------------------------------------- performance-path scenarios (issue 10)
+
+class CountCollectives:
+    """Counts the collectives FSDP2 and the gradient norm issue (patched torch.distributed functions)."""
+    NAMES = ("all_gather_single", "reduce_scatter_single", "all_reduce")
+
+    def __enter__(self):
+        self.counts, self.saved = dict.fromkeys(self.NAMES, 0), {}
+        self.bytes = dict.fromkeys(self.NAMES, 0)
+        for name in self.NAMES:
+            real = getattr(dist, name)
+            self.saved[name] = real
+
+            def counted(*args, _name=name, _real=real, **kwargs):
+                self.counts[_name] += 1
+                big = max((t for t in list(args) + list(kwargs.values()) if torch.is_tensor(t)),
+                          key=lambda t: t.numel())  # the gathered output / the scattered input
+                self.bytes[_name] += big.numel() * big.element_size()
+                return _real(*args, **kwargs)
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, real in self.saved.items():
+            setattr(dist, name, real)
+
+
+def fsdp_root_unit_only(model, dp_mesh, param_dtype=None):
+    """The FSDP wrapping before issue 10, for the before/after communication count: every block, then one
+    root unit holding the embedding, final norm and head."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    n = len(model.layers)
+    for i, block in enumerate(model.layers):
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+
+
+def comm_counts(out: Path) -> dict:
+    """Collectives per optimizer step with gradient accumulation, the old layout (one root unit, gradients
+    reduced on every micro-batch) against the new one (torchtitan's units, reduced on the last micro-batch
+    only); the two must give the same losses and gradients."""
+    import pretrain.parallel as parallel
+    cfg0 = load_config(TINY, BASE)
+    data = build_data(cfg0.data, 0)
+    report = {}
+    for name, layout in (("dp2_accum4", {"rep": 1, "shard": 2, "tp": 1, "micro": 1}),
+                         ("hsdp2x1_accum2", {"rep": 2, "shard": 1, "tp": 1, "micro": 2})):
+        rec = {}
+        for version in ("before", "after"):
+            cfg = load_config(TINY, BASE + ([] if version == "after" else ["parallel.reduce_every_micro_batch=true"]))
+            resolve_model(cfg, data)
+            real_apply = parallel.apply_fsdp
+            if version == "before":
+                parallel.apply_fsdp = lambda model, mesh, dtype, reshard="default": fsdp_root_unit_only(model, mesh,
+                                                                                                        dtype)
+            try:
+                r = Run(cfg, data, layout)
+            finally:
+                parallel.apply_fsdp = real_apply
+            r.engine.reduce_every_micro_batch = version == "before"
+            r.step(0)  # warm-up (lazy FSDP initialization)
+            with CountCollectives() as c:
+                loss, norm = r.step(1)
+            rec[version] = {"counts": c.counts, "bytes": c.bytes, "loss": world_mean(loss), "grads": r.last_grads, "accum": r.accum,
+                            "units": sum(1 for m in r.model.modules() if hasattr(m, "set_requires_gradient_sync"))}
+        report[name] = {v: {"counts": rec[v]["counts"], "bytes": rec[v]["bytes"], "units": rec[v]["units"], "accum": rec[v]["accum"]}
+                        for v in rec}
+        report[name]["loss_diff"] = abs(rec["before"]["loss"] - rec["after"]["loss"])
+        report[name]["grad_diff"] = max_diff(rec["before"]["grads"], rec["after"]["grads"])
+    return report
+
+
+class ProbeArgs(torch.nn.Linear):
+    def __init__(self):
+        super().__init__(8, 8, bias=False)
+        self.seen = None
+
+    def forward(self, x, table):
+        self.seen = str(table.dtype)
+        return super().forward(x)
+
+
+def rope_under_fsdp() -> dict:
+    """A block under FSDP2 with a bf16 param_dtype: what the attention receives as its RoPE table (and, for
+    contrast, what a real-valued fp32 tensor passed the same way arrives as)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from model import ModelConfig
+    from model.transformer import rope_tables
+    mesh = build_mesh(ParallelDims(1, dist.get_world_size(), 1, dist.get_world_size()), torch.device("cpu"))
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=128, vocab_size=40, mask_id=39, max_seq_len=64,
+                      rope_theta=500000.0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh["dp_shard"], mp_policy=mp)
+    fully_shard(model, mesh=mesh["dp_shard"], mp_policy=mp)
+    model.to_empty(device="cpu")
+    init_weights(model, seed=0)
+    seen = {}
+    model.layers[0].attention.register_forward_pre_hook(
+        lambda mod, args: seen.update(dtype=str(args[1].dtype), table=args[1].detach().clone()))
+    x = torch.randint(0, 39, (2, 64))
+    model(x).float().sum().backward()
+    exact = rope_tables(cfg.head_dim, 64, cfg.rope_theta)
+    # Why the table is complex: a real (cos, sin) fp32 table passed to an FSDP unit the same way arrives in bf16.
+    probe = ProbeArgs()
+    fully_shard(probe, mesh=mesh["dp_shard"], mp_policy=mp)
+    probe(torch.zeros(2, 8), torch.view_as_real(exact))
+    return {"dtype": seen["dtype"], "max_error": float((seen["table"] - exact).abs().max()),
+            "real_table_arrives_as": probe.seen}
+
+
+def scenario_perf(out: Path) -> None:
+    """2 processes: communication counts before/after, the RoPE table under FSDP bf16, compiled TP2 and
+    compiled DP2 against the reference, and the random-length cut through the trainer's step."""
+    import pretrain.parallel as parallel
+    result = {"comm": comm_counts(out), "rope": rope_under_fsdp()}
+    write_json(out, "perf.json", result)
+    parallel.COMPILE_BACKEND = "aot_eager"  # dynamo + AOT autograd as inductor sees them, no C++ codegen
+    equivalence(out, [{"name": "tp2_compile", "rep": 1, "shard": 1, "tp": 2, "compile": True},
+                      {"name": "dp2_compile_accum2", "rep": 1, "shard": 2, "tp": 1, "compile": True, "micro": 2}],
+                steps=2, overrides=[], tag="compile")
+    parallel.COMPILE_BACKEND = "inductor"
+    equivalence(out, [{"name": "dp2_random_length_accum2", "rep": 1, "shard": 2, "tp": 1, "micro": 2}],
+                steps=2, overrides=["data.random_length_prob=1.0"], tag="random_length")
+
+
+SCENARIOS = {"perf": scenario_perf, "two": scenario_two, "four": scenario_four, "resume": scenario_resume, "async_kill": scenario_async_kill,
              "async_resume": scenario_async_resume, "deepspeed": scenario_deepspeed}
 
 

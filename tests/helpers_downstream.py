@@ -62,7 +62,7 @@ def make_text_run(root: Path, *, causal: bool = False, seq_len: int = 96, seed: 
 
 def masks_per_step(model, **kw) -> list[list[int]]:
     """Masked-token counts of the generated region, per row, after every sampler step."""
-    from eval.sample import generate
+    from model.sample import generate
     counts = []
 
     def cb(step, x):

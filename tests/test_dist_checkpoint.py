@@ -7,14 +7,13 @@ function of (seed, step)). Measured differences: below 1e-6 (float32 reduction o
 """
 import json
 import os
-import signal
 import subprocess
 import time
 
 import pytest
 import torch
 
-from dist_launch import ROOT, descendants, env, load, metrics, run_once, torchrun, torchrun_cmd
+from dist_launch import ROOT, env, kill_tree, load, metrics, run_once, torchrun, torchrun_cmd
 
 TOL = 1e-5
 
@@ -102,20 +101,14 @@ def test_sigkill_during_async_save_leaves_resumable_checkpoint(tmp_path):
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(torchrun_cmd(2, "async_kill", str(out)), env=env(), cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
+    deadline, victims = time.time() + 120, []
     try:
         while not (ckdir / "step_00000008.tmp").exists():
             assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             assert time.time() < deadline, "the run never reached its second checkpoint"
             time.sleep(0.001)
     finally:
-        victims = [proc.pid] + descendants(proc.pid)
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+        victims = kill_tree(proc)
         log.close()
     time.sleep(0.5)
     assert not [pid for pid in victims if os.path.exists(f"/proc/{pid}") and

@@ -1,8 +1,8 @@
-"""The diffusion / AR samplers of eval/sample.py on small random-weight models."""
+"""The diffusion / AR samplers of model/sample.py on small random-weight models."""
 import pytest
 import torch
 
-from eval.sample import generate, generate_many, left_pad, render, strip_after_eos, topk_mask, transfer_schedule
+from model.sample import generate, generate_many, left_pad, render, strip_after_eos, topk_mask, transfer_schedule
 from helpers_downstream import masks_per_step, one_thread, seeded, tiny_model
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)

@@ -1,21 +1,36 @@
-"""Sampling from masked diffusion LMs (and AR checkpoints), batched.
+"""Sampling from masked diffusion LMs (and AR checkpoints), batched. Used by training (samples at the end of
+a run) and by evaluation (eval.generate, the lm-eval model), so it lives in the model package.
 
 Samplers (science.md, section 6):
   - LLaDA ("llada"): start from masks; at every step predict all masked positions of the current block, pick a
-    token per position (argmax, or Gumbel-max with temperature in float64) and keep the k most confident
-    (remasking="low_confidence") or k random ones (remasking="random"); the rest stay masked. k is
-    ceil(remaining / steps_left), which reproduces LLaDA's even split (remainder first) and adapts when EOS
-    filling removes masks early. Semi-autoregressive when block_length < gen_length: blocks left to right,
-    steps split evenly over blocks.
+    token per position (argmax, or Gumbel-max with temperature in float64) and unmask the positions that the
+    decoding policy (model/policies.py) selects: `fixed` keeps the k = ceil(remaining / steps_left) most
+    confident (remasking="low_confidence") or k random ones (remasking="random"), LLaDA's even split;
+    `threshold` unmasks every position whose confidence exceeds tau and `factor` applies Fast-dLLM's factor
+    rule, both at least `fixed`'s count, so a row may finish its block in far fewer steps than planned.
+    Semi-autoregressive when block_length < gen_length: blocks left to right, steps split evenly over blocks.
   - MDLM ancestral ("mdlm"): from t to s < t every still-masked position is unmasked with probability
     (t - s) / t to a token drawn from p_theta; a row whose canvas did not change reuses its previous
     prediction (prediction caching), so the number of forward passes is at most the number of steps and often
     much lower when steps exceed the number of tokens.
-  - AR checkpoints (model.cfg.causal): plain left to right, one token per forward.
+  - AR checkpoints (model.cfg.causal): plain left to right, one token per forward; kv_cache != "none" uses the
+    ordinary (exact) KV cache, so each step runs only the new token.
+
+KV caching for block decoding (kv_cache, model/kvcache.py; Fast-dLLM): the first step of every block runs the
+whole canvas and caches every layer's keys and values. Later steps of the block run only
+  - "prefix": the current block and the masked suffix after it (prompt and finished blocks from the cache);
+  - "dual": the current block only (the masked suffix from the cache too).
+The cache is refreshed (a full forward) when a block completes, and also every `refresh_every` steps inside
+a block when that is > 0; refresh_every=1 is exactly the uncached sampler. For a bidirectional model this is
+an approximation: the cached keys of the prefix and suffix were computed while the block was still masked.
 
 Batched prompts of different lengths are left-padded so every row's generation region starts at the same
 column; padded keys are hidden with `key_padding` (diffusion) or with a separate document id (AR, see
 `_ar_generate`). RoPE only sees relative positions, so left padding does not change what a row computes.
+Rows that have finished their block (or the whole generation) take no compute. Batch invariance: with one
+torch.Generator per row (`generator=[g0, g1, ...]`) every random draw of a row comes from its own generator,
+so a row's output does not depend on the other rows of its batch; a single generator is shared (draws
+interleave across rows, as before).
 
 Classifier-free guidance (LLaDA): logits = uncond + (w + 1) * (cond - uncond), where the unconditional pass
 has every prompt token replaced by the mask. EOS controls: `min_new_tokens` forbids EOS before that many
@@ -29,18 +44,56 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .kvcache import KVCache
+from .policies import POLICIES, select, topk_mask  # noqa: F401  (topk_mask: re-exported)
+
 PromptLike = Union[None, torch.Tensor, Sequence[Sequence[int]]]
+GeneratorLike = Union[None, torch.Generator, Sequence[torch.Generator]]
+KV_CACHES = ("none", "prefix", "dual")
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+class Noise:
+    """Uniform draws for a batch: from one shared generator, or from one generator per row (batch-invariant:
+    row b's draws depend only on row b's own history)."""
+
+    def __init__(self, generator: GeneratorLike, batch: int, device):
+        self.per_row = isinstance(generator, (list, tuple))
+        if self.per_row and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch} rows (one per row)")
+        self.generator, self.device = generator, device
+
+    def masked(self, is_mask: torch.Tensor, *tail: int) -> torch.Tensor:
+        """float64 uniforms (N, *tail) for the N True entries of is_mask (B, W), in row-major order."""
+        if not self.per_row:
+            return torch.rand((int(is_mask.sum()), *tail), generator=self.generator, device=self.device,
+                              dtype=torch.float64)
+        parts = [torch.rand((int(n), *tail), generator=self.generator[b], device=self.device, dtype=torch.float64)
+                 for b, n in enumerate(is_mask.sum(1).tolist()) if n]
+        return torch.cat(parts) if parts else torch.empty((0, *tail), device=self.device, dtype=torch.float64)
+
+    def rows(self, active: torch.Tensor, width: int) -> torch.Tensor:
+        """float64 uniforms (B, width); per-row generators draw only for active rows (the rest are 1)."""
+        if not self.per_row:
+            return torch.rand((active.shape[0], width), generator=self.generator, device=self.device,
+                              dtype=torch.float64)
+        out = torch.ones(active.shape[0], width, device=self.device, dtype=torch.float64)
+        for b in active.nonzero().flatten().tolist():
+            out[b] = torch.rand(width, generator=self.generator[b], device=self.device, dtype=torch.float64)
+        return out
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator] = None,
+                  u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """argmax of logits/temperature + Gumbel noise, in float64: a sample from softmax(logits / temperature).
+    `u`: the uniforms to use (same shape as logits) instead of drawing them from `generator`.
 
     float64 matters: in low precision the noise is lumpy and ties between close logits are broken badly
     (LLaDA notes that fp16/bf16 Gumbel sampling lowers quality)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.double()
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    if u is None:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
     return (logits / temperature + gumbel).argmax(-1)
 
@@ -53,18 +106,6 @@ def transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     out = base[:, None].repeat(1, steps)
     out += (torch.arange(steps, device=n_masked.device)[None] < rem[:, None]).long()
     return out
-
-
-def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, W): True at the k[b] largest entries of row b. One batched topk with the largest k, then
-    each row keeps its first k[b] picks (no Python loop over rows)."""
-    kmax = int(k.max()) if k.numel() else 0
-    out = torch.zeros_like(scores, dtype=torch.bool)
-    if kmax == 0:
-        return out
-    idx = scores.topk(kmax, dim=-1).indices
-    keep = torch.arange(kmax, device=scores.device)[None, :] < k[:, None]
-    return out.scatter_(1, idx, keep)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,32 +126,56 @@ def _is_causal(model) -> bool:
 
 
 def _forward_logits(model, x: torch.Tensor, real: Optional[torch.Tensor], start: int, end: int, *,
-                    mask_id: int, prompt_len: int, cfg_scale: float) -> torch.Tensor:
-    """float32 logits (B, end - start, V) for columns [start, end) of canvas x, with optional CFG.
+                    mask_id: int, prompt_len: int, cfg_scale: float, kv_cache: Optional[KVCache] = None,
+                    offset: int = 0) -> torch.Tensor:
+    """float32 logits (B, end - start, V) for canvas columns [start, end), with optional CFG. x holds canvas
+    columns [offset, offset + x.shape[1]) (offset > 0 only for a cache-reuse forward).
 
     Only those columns go through the output head (`logits_at`): for large vocabularies the head is the
     biggest matmul, and no other column's prediction is ever used."""
     B = x.shape[0]
     W = end - start
     at = torch.zeros_like(x, dtype=torch.bool)
-    at[:, start:end] = True
+    at[:, start - offset:end - offset] = True
     kp = real if real is not None and not bool(real.all()) else None  # unmasked attention is faster
+    extra = {} if kv_cache is None else {"kv_cache": kv_cache}
     if cfg_scale:
         uncond = x.clone()
         prompt_cols = torch.zeros_like(x, dtype=torch.bool)
-        prompt_cols[:, :prompt_len] = True
+        prompt_cols[:, :max(prompt_len - offset, 0)] = True
         if real is not None:
             prompt_cols &= real  # padding stays padding (hidden); only real prompt tokens are masked
         uncond[prompt_cols] = mask_id
         both = torch.cat([x, uncond])
         out = model(both, key_padding=None if kp is None else torch.cat([kp, kp]),
-                    logits_at=torch.cat([at, at])).float().view(2, B, W, -1)
+                    logits_at=torch.cat([at, at]), **extra).float().view(2, B, W, -1)
         cond, unc = out[0], out[1]
         logits = unc + (cfg_scale + 1.0) * (cond - unc)
     else:
-        logits = model(x, key_padding=kp, logits_at=at).float().view(B, W, -1)
+        logits = model(x, key_padding=kp, logits_at=at, **extra).float().view(B, W, -1)
     logits[..., mask_id] = float("-inf")  # SUBS: the model never predicts the mask itself
     return logits
+
+
+def _block_logits(model, x, real, rows, start, end, *, cache: Optional[KVCache], refresh: bool, kv_mode: str,
+                  stats: dict, **common) -> torch.Tensor:
+    """Logits of block [start, end) for the given rows (LongTensor, or None for all rows): a full forward
+    (which also refreshes the cache), or, with a cache between refreshes, a forward over the block (dual) or
+    the block and the suffix (prefix) only."""
+    xs = x if rows is None else x[rows]
+    rs = real if rows is None or real is None else real[rows]
+    n_rows = xs.shape[0] * (2 if common["cfg_scale"] else 1)
+    crows = None
+    if cache is not None and rows is not None:
+        crows = torch.cat([rows, rows + x.shape[0]]) if common["cfg_scale"] else rows
+    if cache is None or refresh:
+        stats["forward_tokens"] += n_rows * xs.shape[1]
+        return _forward_logits(model, xs, rs, start, end, kv_cache=None if cache is None else cache.fill(crows),
+                               **common)
+    win_end = end if kv_mode == "dual" else x.shape[1]
+    stats["forward_tokens"] += n_rows * (win_end - start)
+    return _forward_logits(model, xs[:, start:win_end], None, start, end, kv_cache=cache.reuse(start, crows),
+                           offset=start, **common)
 
 
 def _ban_eos(logits: torch.Tensor, eos_id: Optional[int], first_col: int, min_new_tokens: int) -> None:
@@ -147,22 +212,45 @@ def _prepare(model, prompt: PromptLike, prompt_mask: Optional[torch.Tensor], bat
             cols = torch.arange(ids.shape[1], device=device)[None]
             if not bool((real == (cols >= ids.shape[1] - real.sum(1, keepdim=True))).all()):
                 raise ValueError("prompt_mask must mark a left-padded batch: the real tokens of each row must "
-                                 "be its last ones (use eval.sample.left_pad)")
+                                 "be its last ones (use model.sample.left_pad)")
             ids = torch.where(real, ids, torch.full_like(ids, pad_id))
         return ids, real
     ids, real = left_pad(prompt, pad_id, device)
     return ids, real
 
 
+def check_options(sampler, remasking, decode, threshold, factor, kv_cache, refresh_every, gen_length, steps):
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"unknown remasking {remasking!r}; choices: low_confidence, random")
+    if sampler not in ("llada", "mdlm"):
+        raise ValueError(f"unknown sampler {sampler!r}; choices: llada, mdlm")
+    if decode not in POLICIES:
+        raise ValueError(f"unknown decode policy {decode!r}; choices: {', '.join(POLICIES)}")
+    if decode != "fixed" and (sampler != "llada" or remasking != "low_confidence"):
+        raise ValueError(f"decode={decode} selects by confidence: it needs sampler=llada with "
+                         f"remasking=low_confidence (got sampler={sampler}, remasking={remasking})")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold={threshold} must be in [0, 1] (a probability; 0.9 is Fast-dLLM's)")
+    if factor <= 0:
+        raise ValueError(f"factor={factor} must be positive (Fast-dLLM uses about 1)")
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"unknown kv_cache {kv_cache!r}; choices: {', '.join(KV_CACHES)}")
+    if refresh_every < 0:
+        raise ValueError(f"refresh_every={refresh_every} must be >= 0 (0: refresh only when a block completes)")
+    if gen_length <= 0 or steps <= 0:
+        raise ValueError(f"gen_length={gen_length} and steps={steps} must be positive")
+
+
 @torch.no_grad()
 def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int, steps: int,
              block_length: Optional[int] = None, temperature: float = 0.0, remasking: str = "low_confidence",
-             sampler: str = "llada", generator: Optional[torch.Generator] = None, batch_size: int = 1,
+             sampler: str = "llada", generator: GeneratorLike = None, batch_size: int = 1,
              prompt_mask: Optional[torch.Tensor] = None, pad_id: Optional[int] = None, cfg_scale: float = 0.0,
              eos_id: Optional[int] = None, min_new_tokens: int = 0, stop_at_eos: bool = False,
              callback: Optional[Callable[[int, torch.Tensor], None]] = None,
              stop_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, cache: bool = True,
-             stats: Optional[dict] = None) -> torch.Tensor:
+             decode: str = "fixed", threshold: float = 0.9, factor: float = 1.0, kv_cache: str = "none",
+             refresh_every: int = 0, stats: Optional[dict] = None) -> torch.Tensor:
     """Generate `gen_length` tokens after each prompt.
 
     prompt: None (unconditional, `batch_size` rows), a (B, P) tensor (left-padded, with `prompt_mask` True at
@@ -173,13 +261,13 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
     -> bool (B,) is called after every finished block (after every token for AR): rows it flags are finished,
     their remaining positions are filled with pad_id and take no further compute (lm-eval's `until` strings).
     cache=False turns off mdlm's prediction caching (a reference: the draws, hence the output, are the same).
-    `stats`, when given, receives "forward_rows" (sequences pushed through the model) and "forwards" (calls)."""
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"unknown remasking {remasking!r}; choices: low_confidence, random")
-    if sampler not in ("llada", "mdlm"):
-        raise ValueError(f"unknown sampler {sampler!r}; choices: llada, mdlm")
-    if gen_length <= 0 or steps <= 0:
-        raise ValueError(f"gen_length={gen_length} and steps={steps} must be positive")
+    decode ("fixed", "threshold" with `threshold`, "factor" with `factor`): the LLaDA sampler's parallel
+    decoding policy; steps is then an upper bound (steps = gen_length: at least one token per step).
+    kv_cache ("none", "prefix", "dual") and refresh_every: see the module docstring. generator: one
+    torch.Generator, or one per row for batch-invariant sampling.
+    `stats`, when given, receives "forward_rows" (sequences pushed through the model), "forwards" (calls)
+    and "forward_tokens" (token positions pushed through the model, the cost with a cache)."""
+    check_options(sampler, remasking, decode, threshold, factor, kv_cache, refresh_every, gen_length, steps)
     if pad_id is None:
         pad_id = eos_id if eos_id is not None else 0
     if pad_id == mask_id:
@@ -188,14 +276,16 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
         raise ValueError("stop_at_eos needs eos_id")
     ids, real = _prepare(model, prompt, prompt_mask, batch_size, pad_id)
     stats = stats if stats is not None else {}
-    stats.setdefault("forwards", 0)
-    stats.setdefault("forward_rows", 0)
+    for key in ("forwards", "forward_rows", "forward_tokens"):
+        stats.setdefault(key, 0)
+    noise = Noise(generator, ids.shape[0], ids.device)
     if _is_causal(model):
         if cfg_scale:
             raise ValueError("classifier-free guidance is defined for diffusion models only")
-        return _ar_generate(model, ids, real, gen_length=gen_length, temperature=temperature, generator=generator,
+        return _ar_generate(model, ids, real, gen_length=gen_length, temperature=temperature, noise=noise,
                             eos_id=eos_id, min_new_tokens=min_new_tokens, stop_at_eos=stop_at_eos,
-                            callback=callback, stats=stats, mask_id=mask_id, stop_fn=stop_fn, pad_id=pad_id)
+                            callback=callback, stats=stats, mask_id=mask_id, stop_fn=stop_fn, pad_id=pad_id,
+                            kv_cache=kv_cache != "none")
     block_length = block_length or gen_length
     if gen_length % block_length:
         raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}")
@@ -209,6 +299,12 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
     x = torch.cat([ids, torch.full((B, gen_length), mask_id, dtype=torch.long, device=device)], 1)
     if real is not None:
         real = torch.cat([real, torch.ones(B, gen_length, dtype=torch.bool, device=device)], 1)
+    kv = None
+    if kv_cache != "none":
+        key_real = None if real is None or bool(real.all()) else real
+        if key_real is not None and cfg_scale:
+            key_real = torch.cat([key_real, key_real])
+        kv = KVCache(model.cfg.n_layers, B * (2 if cfg_scale else 1), x.shape[1], causal=False, key_real=key_real)
     common = dict(mask_id=mask_id, prompt_len=P, cfg_scale=cfg_scale)
     step_no = 0
     for blk in range(n_blocks):
@@ -220,18 +316,22 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
             is_mask = block == mask_id
             remaining = is_mask.sum(1)
             if not bool(remaining.any()):
-                break  # every row finished this block early (EOS filling)
+                break  # every row finished this block early (threshold decoding, EOS filling)
             if sampler == "mdlm" and cache:
                 need = stale & (remaining > 0)
             else:
                 need = remaining > 0
             n_need = int(need.sum())
+            # the cache is refreshed at a block's first step (the previous block just completed) and every
+            # refresh_every steps; a row's step index within the block is the same whatever the other rows do
+            refresh = s == 0 or (refresh_every > 0 and s % refresh_every == 0)
+            fwd = dict(cache=kv, refresh=refresh, kv_mode=kv_cache, stats=stats, **common)
             if n_need == B:
-                logits_cache = _forward_logits(model, x, real, start, end, **common)
+                logits_cache = _block_logits(model, x, real, None, start, end, **fwd)
             elif n_need:
                 # Only rows that still have work (or, for mdlm, whose canvas changed) go through the model.
                 rows = need.nonzero().squeeze(1)
-                sub = _forward_logits(model, x[rows], None if real is None else real[rows], start, end, **common)
+                sub = _block_logits(model, x, real, rows, start, end, **fwd)
                 if logits_cache is None:
                     logits_cache = sub.new_zeros(B, end - start, sub.shape[-1])
                 logits_cache[rows] = sub
@@ -244,24 +344,22 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
             # Sample and score only the masked positions: the float64 Gumbel noise over (positions, vocab)
             # is the largest tensor of a step for big vocabularies.
             lg = logits[is_mask]  # (N, V)
-            picked = gumbel_argmax(lg, temperature, generator)
+            u = noise.masked(is_mask, lg.shape[-1]) if temperature > 0 else None
+            picked = gumbel_argmax(lg, temperature, u=u)
             pred = block.clone()
             pred[is_mask] = picked
             if sampler == "mdlm":
                 t = 1.0 - s / steps_per_block
                 t_next = 1.0 - (s + 1) / steps_per_block
                 p_unmask = (t - t_next) / t  # 1 at the last step: nothing stays masked
-                coin = torch.rand(is_mask.shape, generator=generator, device=device, dtype=torch.float64)
-                take = is_mask & (coin < p_unmask)
+                take = is_mask & (noise.rows(remaining > 0, is_mask.shape[1]) < p_unmask)
             else:
-                steps_left = steps_per_block - s
-                k = (remaining + steps_left - 1) // steps_left  # ceil: LLaDA's even split, remainder first
                 conf = torch.full(is_mask.shape, float("-inf"), device=device)
                 if remasking == "low_confidence":
                     conf[is_mask] = torch.softmax(lg, -1).gather(-1, picked[:, None]).squeeze(-1)
                 else:
-                    conf[is_mask] = torch.rand(int(remaining.sum()), generator=generator, device=device)
-                take = topk_mask(conf, k) & is_mask
+                    conf[is_mask] = noise.masked(is_mask).float()
+                take = select(decode, conf, is_mask, steps_per_block - s, threshold=threshold, factor=factor)
             x[:, start:end] = torch.where(take, pred, block)
             if stop_at_eos:
                 x[:, P:] = _fill_after_eos(x[:, P:], mask_id, eos_id)
@@ -280,30 +378,47 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
     return x
 
 
-def _ar_generate(model, ids, real, *, gen_length, temperature, generator, eos_id, min_new_tokens, stop_at_eos,
-                 callback, stats, mask_id, stop_fn, pad_id) -> torch.Tensor:
-    """Left-to-right sampling for causal checkpoints (no KV cache: the model has none; one forward per token).
+def _ar_generate(model, ids, real, *, gen_length, temperature, noise, eos_id, min_new_tokens, stop_at_eos,
+                 callback, stats, mask_id, stop_fn, pad_id, kv_cache: bool) -> torch.Tensor:
+    """Left-to-right sampling for causal checkpoints, one token per forward. Without a cache every forward
+    runs the whole sequence; with kv_cache the prompt runs once and then each forward runs only the newest
+    token against the cached keys/values of the earlier ones (exact: a causal model's earlier keys never
+    change).
 
     Padding is hidden with doc_ids (padding = document 0, text = document 1) rather than key_padding: under
     the causal mask a left-pad query would otherwise see no key at all, and some attention kernels return NaN
-    for such rows, which then leaks into real rows through the values."""
+    for such rows, which then leaks into real rows through the values. With the cache, decoding queries are
+    real tokens and see the real keys before them (model/kvcache.py)."""
     B, P = ids.shape
     if P == 0:
         raise ValueError("an autoregressive model needs at least one prompt token to condition on (e.g. BOS)")
     x = ids
     doc = None if real is None or bool(real.all()) else real.long()
+    cache = None
+    if kv_cache:
+        key_real = None if doc is None else torch.cat([real, torch.ones(B, gen_length, dtype=torch.bool,
+                                                                        device=ids.device)], 1)
+        cache = KVCache(model.cfg.n_layers, B, P + gen_length, causal=True, key_real=key_real)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     for i in range(gen_length):
-        at = torch.zeros_like(x, dtype=torch.bool)
-        at[:, -1] = True
-        logits = model(x, doc_ids=doc, logits_at=at).float()
+        if cache is None or i == 0:
+            at = torch.zeros_like(x, dtype=torch.bool)
+            at[:, -1] = True
+            extra = {} if cache is None else {"kv_cache": cache.fill()}
+            logits = model(x, doc_ids=doc, logits_at=at, **extra).float()
+            stats["forward_tokens"] += B * x.shape[1]
+        else:
+            logits = model(x[:, -1:], kv_cache=cache.reuse(x.shape[1] - 1))[:, -1].float()
+            stats["forward_tokens"] += B
         stats["forwards"] += 1
         stats["forward_rows"] += B
         if mask_id < logits.shape[-1]:
             logits[:, mask_id] = float("-inf")
         if eos_id is not None and i < min_new_tokens:
             logits[:, eos_id] = float("-inf")
-        nxt = gumbel_argmax(logits, temperature, generator)
+        u = noise.masked(torch.ones(B, 1, dtype=torch.bool, device=x.device), logits.shape[-1]) \
+            if temperature > 0 else None
+        nxt = gumbel_argmax(logits, temperature, u=u)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)  # finished rows only pad
         if stop_at_eos:
             done |= nxt == eos_id
@@ -345,18 +460,41 @@ def strip_after_eos(ids: Sequence[int], eos_id: Optional[int]) -> list[int]:
     return ids
 
 
+def length_batches(lengths: Sequence[int], batch_size: int, max_pad: float = 0.1) -> list[list[int]]:
+    """Indices grouped into batches of at most `batch_size`, longest first, where no row is padded by more
+    than `max_pad` of its batch's length (the same grouping as eval.likelihood's)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and lengths[i] >= (1.0 - max_pad) * lengths[batches[-1][0]]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def row_generators(seeds: Sequence[int], device=None) -> list[torch.Generator]:
+    """One generator per request, for batch-invariant sampling."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
 def generate_many(model, prompts: Sequence[Sequence[int]], *, batch_size: int = 32, max_pad: float = 0.1,
-                  **kw) -> list[list[int]]:
+                  seeds: Optional[Sequence[int]] = None, **kw) -> list[list[int]]:
     """Generated ids (gen_length per prompt, input order) for many prompts, in batches of similar length.
 
     Every row of a batch costs as much compute as its longest one, so one batch of mixed lengths can be
     slower on a CPU than prompts one at a time; grouping rows whose padding is at most `max_pad` of the row
-    (prompt + generation) keeps the batching gain. Other keyword arguments go to `generate`. A `stop_fn`
-    receives the rows of one batch at a time."""
-    from .likelihood import length_batches
+    (prompt + generation) keeps the batching gain. `seeds` (one per prompt) gives every prompt its own
+    generator, so its output does not depend on which prompts share its batch. Other keyword arguments go to
+    `generate`. A `stop_fn` receives the rows of one batch at a time."""
     G = kw["gen_length"]
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts (one per prompt)")
+    device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in prompts]
     for idx in length_batches([len(p) + G for p in prompts], batch_size, max_pad):
+        if seeds is not None:
+            kw["generator"] = row_generators([seeds[i] for i in idx], device)
         x = generate(model, [prompts[i] for i in idx], **kw)
         for r, i in enumerate(idx):
             out[i] = x[r, -G:].tolist()
