@@ -84,7 +84,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     device = resolve_device(args.device)
-    run = load(args.ckpt, device=device, dtype=resolve_dtype(args.dtype, device))
+    try:
+        run = load(args.ckpt, device=device, dtype=resolve_dtype(args.dtype, device))
+    except FileNotFoundError as e:  # a wrong --ckpt: the message says what would be valid
+        raise SystemExit(f"error: {e}") from None
     tok, cfg = run.tokenizer, run.cfg
     texts = list(args.prompt or [])
     if args.prompt_file:

@@ -38,6 +38,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from model.sample import length_batches  # rows of similar length share a batch (little padding)
+
 
 @dataclass
 class LogLik:
@@ -93,22 +95,6 @@ def pair_key(seed: int, ctx: Sequence[int], cont: Sequence[int]) -> int:
 
 
 _TAG_COUNT, _TAG_POS = 1, 2
-MAX_PAD_FRACTION = 0.1
-
-
-def length_batches(lengths: Sequence[int], batch_size: int, max_pad: float = MAX_PAD_FRACTION) -> list[list[int]]:
-    """Indices grouped into batches of at most `batch_size`, longest first, where no row is padded by more
-    than `max_pad` of its batch's length. On CPU a forward pass is compute-bound, so padding costs as much
-    as real tokens: a batch of mixed lengths can be slower than one example at a time."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and len(batches[-1]) < batch_size and \
-                lengths[i] >= (1.0 - max_pad) * lengths[batches[-1][0]]:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 def _check(contexts, continuations, max_length: Optional[int]):

@@ -260,7 +260,10 @@ def main(argv=None) -> tuple[list[dict], list[str]]:
         torch.set_num_threads(args.threads)
     rank, world, device = init_distributed(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    loaded = load(args.ckpt, device=device, ema=not args.raw_weights)
+    try:
+        loaded = load(args.ckpt, device=device, ema=not args.raw_weights)
+    except FileNotFoundError as e:  # a wrong --ckpt: the message says what would be valid
+        raise SystemExit(f"error: {e}") from None
     model, tok = loaded.model, loaded.tokenizer
     mask_id = loaded.cfg.model.mask_id
     run_dir = loaded.run_dir

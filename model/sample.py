@@ -462,7 +462,8 @@ def strip_after_eos(ids: Sequence[int], eos_id: Optional[int]) -> list[int]:
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_pad: float = 0.1) -> list[list[int]]:
     """Indices grouped into batches of at most `batch_size`, longest first, where no row is padded by more
-    than `max_pad` of its batch's length (the same grouping as eval.likelihood's)."""
+    than `max_pad` of its batch's length. On CPU a forward pass is compute-bound, so padding costs as much
+    as real tokens: a batch of mixed lengths can be slower than one example at a time."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     for i in order:
