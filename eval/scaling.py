@@ -357,6 +357,14 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_isoflop(rows_by_obj, iso, out: Path, loss: str, params: str) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, len(rows_by_obj), figsize=(5.5 * len(rows_by_obj), 4.2), squeeze=False,
@@ -385,11 +393,7 @@ def plot_isoflop(rows_by_obj, iso, out: Path, loss: str, params: str) -> Path:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel(f"held-out {loss} NELBO (nats/token; AR: exact NLL), 95% CI")
-    fig.tight_layout()
-    path = out / "isoflop.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "isoflop.png")
 
 
 def plot_frontier(rows_by_obj, iso, mult, out: Path, loss: str) -> Path:
@@ -427,11 +431,7 @@ def plot_frontier(rows_by_obj, iso, mult, out: Path, loss: str) -> Path:
     ax.set_ylabel(f"held-out {loss} NELBO (nats/token)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "frontier.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "frontier.png")
 
 
 def plot_optimal(iso, out: Path) -> Path:
@@ -469,11 +469,7 @@ def plot_optimal(iso, out: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle("compute-optimal size and data (Chinchilla approach 2)")
-    fig.tight_layout()
-    path = out / "optimal.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "optimal.png")
 
 
 def plot_repeat(rows_by_obj, rep, out: Path, loss: str, params: str) -> Path:
@@ -510,11 +506,7 @@ def plot_repeat(rows_by_obj, rep, out: Path, loss: str, params: str) -> Path:
     ax.set_ylabel(f"held-out {loss} NELBO (nats/token), 95% CI")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "repeat.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "repeat.png")
 
 
 # ----------------------------------------------------------------------------- report
