@@ -25,6 +25,9 @@ def load_run_tokenizer(run_dir, cfg):
     run_dir = Path(run_dir)
     if (run_dir / "tokenizer.json").is_file():
         return TextTokenizer.load(run_dir)
+    if (run_dir / "imported_from.json").is_file():  # written by pretrain.convert: never a synthetic-language run
+        raise FileNotFoundError(f"{run_dir} was imported without a tokenizer, so its text cannot be tokenized: rerun "
+                                f"python -m pretrain.convert ... --tokenizer PATH/tokenizer.json")
     if cfg.data.kind == "synthetic":
         from .synthetic import MarkovLanguage
         s = cfg.data.synthetic

@@ -81,7 +81,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default; on a shared CPU, 1-2 "
+                    "threads avoid oversubscribed spinning)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
     try:

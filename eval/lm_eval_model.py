@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import zlib
 from collections import defaultdict
 from typing import Optional
@@ -68,6 +69,10 @@ class UnmaskLM(LM):
                  decode: str = "fixed", threshold: float = 0.9, factor: float = 1.0, kv_cache: str = "none",
                  refresh_every: int = 0, **unused):
         super().__init__()
+        # lm-eval bootstraps stderrs (perplexity, median, ...) in a fork()ed Pool; a fork of a process that
+        # runs torch's intra-op threads can deadlock in the child (seen in CI: a 900 s hang). Its in-process
+        # loop computes the same resamples, so ask for that unless the user chose otherwise.
+        os.environ.setdefault("DISABLE_MULTIPROC", "1")
         path = ckpt or pretrained
         if not path:
             raise ValueError("the unmask model needs ckpt=PATH (a run directory, checkpoint folder or export)")

@@ -3,7 +3,7 @@
 Reads the sweep index (runs/SWEEP/index.jsonl, written by python -m launch.sweep) and fits, per objective:
 - Chinchilla approach 2: per compute budget an IsoFLOP parabola of loss in log N; its vertex gives N_opt(C), and
   D_opt(C) is read off the budget's own runs (log D is linear in log N at fixed C); power laws N_opt ~ C^a,
-  D_opt ~ C^b over the budgets; the parabola minima give the loss frontier L*(C) ~ C^k (where a budget's
+  D_opt ~ C^b over the budgets whose vertex lies inside their sizes (n/a with fewer than two); the parabola minima give the loss frontier L*(C) ~ C^k (where a budget's
   vertex falls outside its sizes, or it has no minimum, its lowest observed loss stands in, and the table says so).
 - Chinchilla approach 3: L(N, D) = E + A / N^alpha + B / D^beta, a Huber loss (delta 1e-3) on log-loss,
   scipy L-BFGS-B from a grid of initialisations; compute-optimal exponents a = beta/(alpha+beta), b = alpha/(alpha+beta).
@@ -128,8 +128,12 @@ def _isoflop_once(N, D, C, L, budgets, groups, w=None):
     n_opt = np.array([o[0] for o in out])
     d_opt = np.array([o[1] for o in out])
     l_min = np.array([o[2] for o in out])
-    a, la = _power_law(Cs, n_opt)
-    bb, lb = _power_law(Cs, d_opt)
+    # The exponents use only vertices inside their budget's sizes: an extrapolated vertex is a guess about sizes
+    # that were not trained, and a parabola's far tail is where it is least right.
+    inside = np.array([np.isfinite(n) and np.log(N[groups[b]]).min() <= math.log(n) <= np.log(N[groups[b]]).max()
+                       for n, b in zip(n_opt, budgets)])
+    a, la = _power_law(Cs, np.where(inside, n_opt, np.nan))
+    bb, lb = _power_law(Cs, np.where(inside, d_opt, np.nan))
     k, lk = _power_law(Cs, l_min)
     return {"C": Cs, "n_opt": n_opt, "d_opt": d_opt, "l_min": l_min, "fits": [o[3] for o in out],
             "a": a, "log_ka": la, "b": bb, "log_kb": lb, "k": k, "log_kl": lk}
@@ -160,7 +164,6 @@ def isoflop_fit(N, D, C, L, S, budgets_planned, *, boot: int = 200, seed: int = 
     for _ in range(boot):
         Lb = centre + rng.standard_normal(len(L)) * sigma
         reps.append(_isoflop_once(N, D, C, Lb, budgets, groups))
-    Nlo, Nhi = N.min(), N.max()
     per_budget = []
     for j, b in enumerate(budgets):
         n_opt = base["n_opt"][j]
@@ -170,7 +173,7 @@ def isoflop_fit(N, D, C, L, S, budgets_planned, *, boot: int = 200, seed: int = 
             "n_opt_ci": _ci([r["n_opt"][j] for r in reps]), "d_opt_ci": _ci([r["d_opt"][j] for r in reps]),
             "l_min_ci": _ci([r["l_min"][j] for r in reps]),
             "no_minimum_share": float(np.mean([not np.isfinite(r["n_opt"][j]) for r in reps])) if reps else 0.0,
-            "inside_grid": bool(np.isfinite(n_opt) and Nlo <= n_opt <= Nhi),
+            "inside_grid": bool(np.isfinite(n_opt) and N[groups[b]].min() <= n_opt <= N[groups[b]].max()),
             "parabola": None if base["fits"][j] is None else dict(zip(("k", "log_n_opt", "l_min"), base["fits"][j])),
         })
     return {"per_budget": per_budget, "a": base["a"], "a_ci": _ci([r["a"] for r in reps]),
@@ -382,17 +385,20 @@ def plot_isoflop(rows_by_obj, iso, out: Path, loss: str, params: str) -> Path:
                 xs = np.linspace(np.log(N[idx]).min() - 0.2, np.log(N[idx]).max() + 0.2, 100)
                 p = pb["parabola"]
                 ax.plot(np.exp(xs), p["k"] * (xs - p["log_n_opt"]) ** 2 + p["l_min"], color=col, lw=1)
-                lo, hi = pb["n_opt_ci"]
-                ax.errorbar([pb["n_opt"]], [pb["l_min"]],
-                            xerr=[[max(pb["n_opt"] - lo, 0) if np.isfinite(lo) else 0],
-                                  [max(hi - pb["n_opt"], 0) if np.isfinite(hi) else 0]],
-                            fmt="*", color=col, ms=11, mec="k", capsize=3)
+                if pb["inside_grid"]:  # an extrapolated vertex is not drawn: its interval would set the axis
+                    lo, hi = pb["n_opt_ci"]
+                    ax.errorbar([pb["n_opt"]], [pb["l_min"]],
+                                xerr=[[max(pb["n_opt"] - lo, 0) if np.isfinite(lo) else 0],
+                                      [max(hi - pb["n_opt"], 0) if np.isfinite(hi) else 0]],
+                                fmt="*", color=col, ms=11, mec="k", capsize=3)
+        ax.set_xlim(N.min() / 1.6, N.max() * 1.6)
         ax.set_xscale("log")
         ax.set_xlabel(f"parameters N ({'non-embedding' if params == 'nonembed' else 'total'})")
-        ax.set_title(f"{OBJ_STYLE.get(obj, ('k', 'o', obj))[2]}: IsoFLOP curves (star: N_opt, 95% CI)")
+        ax.set_title(f"{OBJ_STYLE.get(obj, ('k', 'o', obj))[2]}: IsoFLOP curves (star: N_opt inside the grid)",
+                     fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel(f"held-out {loss} NELBO (nats/token; AR: exact NLL), 95% CI")
+    axes[0][0].set_ylabel(f"held-out {loss} NELBO, nats/token (95% CI)")
     return save_figure(fig, out / "isoflop.png")
 
 
@@ -445,10 +451,11 @@ def plot_optimal(iso, out: Path) -> Path:
             y = np.array([p[key] for p in pb])
             lo = np.array([p[f"{key}_ci"][0] for p in pb])
             hi = np.array([p[f"{key}_ci"][1] for p in pb])
-            ok = np.isfinite(y)
+            ok = np.isfinite(y) & np.array([p["inside_grid"] for p in pb])  # as in the fit: vertices inside
             ax.errorbar(C[ok], y[ok], yerr=[np.nan_to_num(np.maximum(y - lo, 0))[ok],
                                             np.nan_to_num(np.maximum(hi - y, 0))[ok]],
-                        fmt=mk, color=col, capsize=3)
+                        fmt=mk, color=col, capsize=3,
+                        label=None if np.isfinite(it[exp_key]) else f"{label}: < 2 vertices inside the grid")
             if np.isfinite(it[exp_key]):
                 ci = it[f"{exp_key}_ci"]
                 g = np.geomspace(C.min(), C.max(), 50)
@@ -559,7 +566,9 @@ def markdown(result: dict) -> str:
         for o in m.get("per_mdm_budget", []):
             lines.append(f"| {o['mdm_flops']:.3g} | {o['mdm_loss']:.4f} | {_fmt_ci(o['multiplier'], o['ci'])} | "
                          f"{'yes' if o['in_range'] else 'no (extrapolated)'} |")
-        lines += ["", f"Geometric mean over in-range points: {m.get('geomean_in_range', float('nan')):.3g}", ""]
+        g = m.get("geomean_in_range", float("nan"))
+        lines += ["", f"Geometric mean over in-range points: {g:.3g}" if math.isfinite(g) else
+                  "No MDM frontier loss lies inside AR's measured range: every reading extrapolates AR's frontier.", ""]
     if result.get("repeat"):
         lines += ["## Data-constrained (Muennighoff et al. effective data)", "",
                   "| objective | R*_D (repeat half-life, epochs) | beta | rms log residual |", "|---|---|---|---|"]

@@ -15,6 +15,8 @@ A sweep file (see configs/sweeps/*.yaml):
     objectives: [mdm, ar]
     seeds: [0]
     unique_tokens: [0]          # optional data-constrained axis: 0 = all the data, else U unique tokens repeated
+    exclude: [{size: s1, objective: ar, budget: 3e12}]   # optional: grid points not to run (IsoFLOP profiles
+                                # centred on each budget's optimum); each entry must match a run
     rules: {batch_size: 32, lr: {base: 3e-3, base_dim: 128, exponent: 0.5}, warmup_fraction: 0.05, evals: 4}
     eval: {sequences: 64, samples: 8, seed: 0}   # held-out NELBO (eval.elbo, "count" estimator; AR exact)
     time: {flops_per_s: 2e10, overhead_s: 10}    # for the plan's time estimate
@@ -43,7 +45,8 @@ import yaml
 
 OBJECTIVES = {"mdm": False, "ar": True}  # objective -> model.causal
 SWEEP_KEYS = {"name", "out_dir", "recipe", "base", "sizes", "budgets", "objectives", "seeds", "unique_tokens",
-              "rules", "eval", "time", "description"}
+              "exclude", "rules", "eval", "time", "description"}
+EXCLUDE_KEYS = ("size", "objective", "budget", "seed", "unique_tokens")
 RESULT, INDEX, EVENTS = "result.json", "index.jsonl", "events.jsonl"
 
 
@@ -231,9 +234,35 @@ def make_plan(spec: dict, *, quiet: bool = False) -> list[RunPlan]:
                             [(where_s, size.get("overrides") or {}), (where_o, obj_over), (where_b, b_over),
                              (f"unique_tokens[{ui}]", u_over)], where_s, where_o, where_b,
                             torch, Transformer, count_params, Config, ConfigError, from_dict, step_flops))
+    plans = _exclude(spec.get("exclude") or [], plans)
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
         raise SweepError("two runs share a name: give the sizes distinct names")
+    return plans
+
+
+def _exclude(rules, plans: list[RunPlan]) -> list[RunPlan]:
+    """The grid without the runs that match an `exclude` entry on all of its keys."""
+    if not isinstance(rules, list):
+        raise SweepError("`exclude` must be a list of mappings, e.g. [{size: s1, objective: ar, budget: 1e13}]")
+
+    def value(key, v, where):
+        try:
+            return float(v) if key == "budget" else int(float(v)) if key in ("seed", "unique_tokens") else str(v)
+        except (TypeError, ValueError):
+            raise SweepError(f"{where}: {key}={v!r} is not a number") from None
+
+    for i, rule in enumerate(rules):
+        where = f"exclude[{i}] {rule!r}"
+        if not isinstance(rule, dict) or not rule or set(rule) - set(EXCLUDE_KEYS):
+            raise SweepError(f"{where}: an entry is a mapping of some of {', '.join(EXCLUDE_KEYS)}")
+        want = {k: value(k, v, where) for k, v in rule.items()}
+        hit = [p for p in plans if all(getattr(p, k) == v for k, v in want.items())]
+        if not hit:
+            raise SweepError(f"{where} matches no run of the grid (check the size name, objective and budget)")
+        plans = [p for p in plans if p not in hit]
+    for i, p in enumerate(plans):
+        p.index = i
     return plans
 
 

@@ -397,6 +397,19 @@ def _set_dotted(tree: dict, dotted: str, value, root_cls) -> None:
             node = node[part]
 
 
+def _is_str_field(root_cls, dotted: str) -> bool:
+    """Whether the dotted key names a str (or Optional[str]) field of the config tree."""
+    cls, hint = root_cls, None
+    for part in dotted.split("."):
+        if cls is None or not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return False
+        hint = typing.get_type_hints(cls)[part]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        cls = hint if dataclasses.is_dataclass(hint) else (args[0] if len(args) == 1 else None)
+    return hint is str or (typing.get_origin(hint) in (Union, types.UnionType)
+                           and [a for a in typing.get_args(hint) if a is not type(None)] == [str])
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. train.steps=100)")
@@ -425,6 +438,8 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
             raise ConfigError(f"{path} must hold a mapping of sections (model, data, train, ...)")
     for item in overrides:
         key, value = parse_override(item)
+        if _is_str_field(Config, key) and isinstance(value, (bool, int, float)):
+            value = item.split("=", 1)[1].strip()  # train.name=off is the name "off", not False
         _set_dotted(tree, key, value, Config)
     cfg = from_dict(Config, tree)
     cfg.validate()

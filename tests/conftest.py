@@ -17,3 +17,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Kill any process a test left behind (a hung pool worker, an orphaned torchrun rank): a leftover child
+    keeps CI's output pipe open, so the job would wait out its hard limit after the tests have finished."""
+    import signal
+
+    from dist_launch import descendants
+    leftovers = descendants(os.getpid())
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if leftovers:
+        print(f"\nconftest: killed {len(leftovers)} process(es) left behind by the tests: {leftovers}")

@@ -1,5 +1,6 @@
 """lm-eval end to end with the `unmask` model on tiny local tasks written here (no network)."""
 import json
+import os
 import math
 
 import pytest
@@ -111,6 +112,8 @@ def test_downstream_cli_with_local_data_dir(run_dir, tmp_path, monkeypatch):
         {"goal": "sit on the", "sol1": "mat", "sol2": "sea", "label": 0},
         {"goal": "say yes or", "sol1": "day", "sol2": "no", "label": 1}]))
     out = tmp_path / "out"
+    monkeypatch.setenv("DISABLE_MULTIPROC", "")  # recorded, so teardown restores the caller's environment
+    monkeypatch.delenv("DISABLE_MULTIPROC")
     rc = downstream.main(["--ckpt", str(run_dir), "--tasks", "lambada_openai,piqa", "--data-dir", str(data),
                           "--mc-samples", "2", "--output", str(out), "--device", "cpu"])
     assert rc == 0
@@ -119,6 +122,10 @@ def test_downstream_cli_with_local_data_dir(run_dir, tmp_path, monkeypatch):
     assert res["results"]["piqa"]["acc,none"] in (0.0, 0.5, 1.0)
     assert res["n-samples"]["piqa"]["effective"] == 2
     assert res["meta"]["mc_samples"] == 2
+    # the perplexity stderr is bootstrapped in this process, not in a fork()ed pool that can hang under torch
+    assert os.environ.get("DISABLE_MULTIPROC") == "1"
+    se = res["results"]["lambada_openai"]["perplexity_stderr,none"]
+    assert isinstance(se, float) and math.isfinite(se) and se >= 0
     md = (out / "results.md").read_text()
     assert "| piqa | acc |" in md and "| lambada_openai | perplexity |" in md
 

@@ -42,6 +42,14 @@ def test_overrides_and_presets_apply():
     assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.9, 0.99)
 
 
+def test_string_overrides_stay_strings():
+    """YAML would read `off`, `yes` or `1e3` as a bool or number; a str field takes the text as written."""
+    cfg = load_config("configs/tiny.yaml", ["train.name=off", "train.out_dir=1e3", "train.init_from=yes"])
+    assert (cfg.train.name, cfg.train.out_dir, cfg.train.init_from) == ("off", "1e3", "yes")
+    cfg = load_config("configs/tiny.yaml", ["train.steps=7", "model.causal=false"])  # typed fields still parse
+    assert cfg.train.steps == 7 and cfg.model.causal is False
+
+
 def test_lr_schedules():
     kw = dict(lr=1.0, min_lr=0.1, warmup=10, total=100)
     cos = [lr_at(s, schedule="cosine", **kw) for s in range(100)]

@@ -38,6 +38,15 @@ def test_generate_cli_sampler_options(run_dir, capsys):
     assert capsys.readouterr().out.count("=" * 80) >= 3 + 2
 
 
+def test_generate_cli_threads(run_dir, capsys, monkeypatch):
+    import torch
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert main(["--ckpt", str(run_dir), "--gen-length", "4", "--steps", "4", "--threads", "1",
+                 "--device", "cpu"]) == 0
+    assert calls == [1]
+
+
 def test_generate_cli_ar_checkpoint(tmp_path, capsys):
     run = make_text_run(tmp_path / "ar", causal=True, seq_len=64)
     assert main(["--ckpt", str(run), "--prompt", "the cat", "--gen-length", "6", "--visualize",

@@ -320,6 +320,11 @@ def test_smdm_checkpoint_imports_and_matches_reference_logits(tmp_path):
                                 sd["lm_head.weight"], heads=heads, kv_heads=groups, theta=10000.0, eps=1e-5)
     # The head row of the mask id is zero (SMDM never predicts it; evaluation sets its logit to -inf).
     assert torch.allclose(ours[..., :vocab], want, atol=2e-4, rtol=1e-4) and torch.all(ours[..., vocab] == 0)
+    # Imported without --tokenizer: evaluation refuses (it once fell back to the synthetic language's symbols).
+    bare = import_smdm(str(tmp_path / "smdm.safetensors"), tmp_path / "bare", n_heads=heads).parent.parent
+    from eval.load import load
+    with pytest.raises(FileNotFoundError, match="imported without a tokenizer.*--tokenizer"):
+        load(bare)
 
 
 def _train(tmp_path, *extra, nproc=1):

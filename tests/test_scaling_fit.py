@@ -67,6 +67,32 @@ def test_isoflop_fit_recovers_planted_optimum_and_exponent():
     assert lo <= -0.05 <= hi and hi < 0
 
 
+def test_vertex_outside_its_sizes_does_not_enter_the_exponents():
+    """A budget whose sizes all lie above its optimum gives an extrapolated vertex: the exponents come from the
+    other budgets only, whatever that vertex is, and a single vertex inside makes no power law."""
+    budgets = np.array([1e15, 1e16, 1e17])
+    n_opt = 0.1 * budgets ** 0.5
+    N, C, L = [], [], []
+    for j, (b, n0) in enumerate(zip(budgets, n_opt)):
+        Ns = n0 * (np.geomspace(4, 32, 4) if j == 0 else np.geomspace(1 / 8, 8, 5))  # budget 0: all too big
+        N += list(Ns)
+        C += [b] * len(Ns)
+        L += list(3.0 * b ** -0.05 + 0.04 * np.log(Ns / n0) ** 2)
+    N, C, L = map(np.asarray, (N, C, L))
+    S, D = np.full(len(L), 1e-4), C / (6 * N)
+    fit = scaling.isoflop_fit(N, D, C, L, S, list(C), boot=20, seed=0)
+    assert [pb["inside_grid"] for pb in fit["per_budget"]] == [False, True, True]
+    assert fit["a"] == pytest.approx(0.5, abs=1e-3)
+    first = C == 1e15  # tilt budget 0's losses: its (extrapolated) vertex moves, the exponents do not
+    tilted = L + np.where(first, 0.03 * (np.log(N) - np.log(N[first]).mean()), 0.0)
+    moved = scaling.isoflop_fit(N, D, C, tilted, S, list(C), boot=20, seed=0)
+    assert moved["per_budget"][0]["n_opt"] != pytest.approx(fit["per_budget"][0]["n_opt"], rel=0.01)
+    assert (moved["a"], moved["b"]) == pytest.approx((fit["a"], fit["b"]), abs=1e-9)
+    keep = C != 1e17  # budget 0 (extrapolated) and budget 1: one vertex inside
+    one = scaling.isoflop_fit(N[keep], D[keep], C[keep], L[keep], S[keep], list(C[keep]), boot=20, seed=0)
+    assert math.isnan(one["a"]) and math.isnan(one["b"])
+
+
 def test_parabola_without_minimum_is_reported_not_invented():
     x = np.log(np.array([1e4, 1e5, 1e6]))
     assert scaling.fit_parabola(x, np.array([1.0, 2.0, 1.0])) is None  # concave: no minimum

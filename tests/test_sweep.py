@@ -97,12 +97,23 @@ def test_plan_steps_epochs_and_lr_rule_equal_hand_computation(words, tmp_path):
     assert "a-mdm-C2e8-U1.6e2-s0" in out and "8 runs" in out
 
 
+def test_exclude_drops_exactly_the_matching_runs(words, tmp_path):
+    full = {p.name for p in sweep.make_plan(_spec(words, tmp_path))}
+    plans = sweep.make_plan(_spec(words, tmp_path, exclude=[{"size": "a", "objective": "ar", "budget": 6e8},
+                                                            {"size": "b", "budget": "2e8"}]))
+    gone = {"a-ar-C6e8-U1.6e2-s0", "b-mdm-C2e8-U1.6e2-s0", "b-ar-C2e8-U1.6e2-s0"}
+    assert gone <= full and {p.name for p in plans} == full - gone
+    assert [p.index for p in plans] == list(range(len(plans)))
+
+
 @pytest.mark.parametrize("change, needle", [
     (lambda s: s["sizes"].append({"name": "big", "preset": "85Mx"}), "sizes[2] 'big': unknown model preset"),
     (lambda s: s.update(budgets=[2e8, 1e3]), "budgets[1]"),
     (lambda s: s["sizes"][0].update(causal=True), "objectives[0] 'mdm' with sizes[0] 'a'"),
     (lambda s: s.update(objectives=["mdm", "block"]), "objectives[1] 'block'"),
     (lambda s: s.update(unique_tokens=[10**9]), "unique_tokens asks for"),
+    (lambda s: s.update(exclude=[{"size": "c", "objective": "ar"}]), "'size': 'c'} matches no run of the grid"),
+    (lambda s: s.update(exclude=[{"sizes": "a"}]), "exclude[0] {'sizes': 'a'}: an entry is a mapping of some of"),
 ])
 def test_bad_sweep_stops_at_plan_naming_the_entry(words, tmp_path, capsys, change, needle):
     spec = _spec(words, tmp_path)
