@@ -25,13 +25,16 @@ def load_run_tokenizer(run_dir, cfg):
     run_dir = Path(run_dir)
     if (run_dir / "tokenizer.json").is_file():
         return TextTokenizer.load(run_dir)
-    if (run_dir / "imported_from.json").is_file():  # written by pretrain.convert: never a synthetic-language run
-        raise FileNotFoundError(f"{run_dir} was imported without a tokenizer, so its text cannot be tokenized: rerun "
-                                f"python -m pretrain.convert ... --tokenizer PATH/tokenizer.json")
     if cfg.data.kind == "synthetic":
         from .synthetic import MarkovLanguage
         s = cfg.data.synthetic
-        return SymbolTokenizer(MarkovLanguage(s.num_symbols, s.branching, s.concentration, s.seed))
+        tok = SymbolTokenizer(MarkovLanguage(s.num_symbols, s.branching, s.concentration, s.seed))
+        imported = (run_dir / "imported_from.json").is_file()  # written by pretrain.convert
+        if imported and cfg.model.mask_id not in (None, tok.mask_id):  # e.g. SMDM (mask 32000) without a tokenizer
+            raise FileNotFoundError(f"{run_dir} was imported without a tokenizer (its mask id is {cfg.model.mask_id}, "
+                                    f"not a synthetic language's), so its text cannot be tokenized: rerun python -m "
+                                    f"pretrain.convert ... --tokenizer PATH/tokenizer.json")
+        return tok
     raise FileNotFoundError(f"{run_dir} has no tokenizer.json; it is needed to tokenize evaluation text")
 
 

@@ -25,6 +25,11 @@ def pytest_sessionfinish(session, exitstatus):
     import signal
 
     from dist_launch import descendants
+    if "wandb" in sys.modules:  # its service process is expected: close it the way wandb's own atexit would
+        try:
+            sys.modules["wandb"].teardown()
+        except Exception as e:  # noqa: BLE001 - whatever is left is killed below
+            print(f"\nconftest: wandb teardown failed: {e}")
     leftovers = descendants(os.getpid())
     for pid in leftovers:
         try:
