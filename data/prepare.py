@@ -182,7 +182,8 @@ def _progress(total: Optional[int], enabled: bool, desc: str):
     if not enabled:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True, file=sys.stderr,
+                disable=None)  # off when stderr is not a terminal
 
 
 def prepare(job: PrepareJob, out, workers: int = 1, progress: bool = True, chunk_bytes: int = 1 << 20,

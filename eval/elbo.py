@@ -251,7 +251,8 @@ def evaluate_blocks(model, blocks, *, method: str, samples: int = 1, seed: int =
     if progress and rank == 0:
         from tqdm import tqdm
         total = sum(int(m.sum()) for m in masks[lo:hi]) if masks is not None else sum(r.numel() for r in rows[lo:hi])
-        bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True, leave=False)
+        bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True, leave=False,
+                   disable=None)  # off when stderr is not a terminal
     local = rows[lo:hi]
     local_masks = masks[lo:hi] if masks is not None else [torch.ones(r.numel(), dtype=torch.bool) for r in local]
     if method == "ar":

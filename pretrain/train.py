@@ -191,7 +191,8 @@ def train(cfg: Config) -> dict:
     bar = None
     if rank == 0 and cfg.logging.progress_bar and step < cfg.train.steps:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True, leave=False,
+                   disable=None)  # None: off when stderr is not a terminal (slurm logs, pipes)
     write = bar.write if bar is not None else say
     val_loss = float("nan")
     window_t, window_tokens, ran = time.perf_counter(), 0, 0

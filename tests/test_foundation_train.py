@@ -1,6 +1,7 @@
 """End-to-end training behaviour on CPU: overfitting, exact resume, the synthetic oracle."""
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -102,3 +103,14 @@ def test_quickstart_model_learns_and_still_bounds_the_true_entropy(tmp_path):
     lines = (tmp_path / "quickstart" / "metrics.jsonl").read_text().splitlines()
     assert any("val/valid" in line for line in lines)
     assert (tmp_path / "quickstart" / "config.yaml").is_file()
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, capfd):
+    """Logs and pipes (slurm's output file, CI) get the step lines but no progress bar."""
+    cfg = load_config("configs/tiny.yaml", [f"train.out_dir={tmp_path}", "train.steps=3", "train.log_every=1",
+                                            "train.eval_every=3", "train.save_every=3", "train.samples=0",
+                                            "logging.progress_bar=true", "logging.plot=false"])
+    train(cfg)
+    out, err = capfd.readouterr()
+    assert re.search(r"step +3/3 \| loss", out), out
+    assert "it/s" not in err and "train:" not in err, err
