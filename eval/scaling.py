@@ -3,8 +3,9 @@
 Reads the sweep index (runs/SWEEP/index.jsonl, written by python -m launch.sweep) and fits, per objective:
 - Chinchilla approach 2: per compute budget an IsoFLOP parabola of loss in log N; its vertex gives N_opt(C), and
   D_opt(C) is read off the budget's own runs (log D is linear in log N at fixed C); power laws N_opt ~ C^a,
-  D_opt ~ C^b over the budgets whose vertex lies inside their sizes (n/a with fewer than two); the parabola minima give the loss frontier L*(C) ~ C^k (where a budget's
-  vertex falls outside its sizes, or it has no minimum, its lowest observed loss stands in, and the table says so).
+  D_opt ~ C^b over the budgets whose vertex lies inside their sizes (n/a with fewer than two); the parabola
+  minima give the loss frontier L*(C) ~ C^k (where a budget's vertex falls outside its sizes, or it has no
+  minimum, its lowest observed loss stands in, and the table says so).
 - Chinchilla approach 3: L(N, D) = E + A / N^alpha + B / D^beta, a Huber loss (delta 1e-3) on log-loss,
   scipy L-BFGS-B from a grid of initialisations; compute-optimal exponents a = beta/(alpha+beta), b = alpha/(alpha+beta).
 - the compute multiplier: C_MDM / C_AR at equal loss on the two frontiers, at each AR budget.
@@ -115,27 +116,26 @@ def _isoflop_once(N, D, C, L, budgets, groups, w=None):
         fit = fit_parabola(x, L[idx], None if w is None else w[idx])
         lowest = float(np.min(L[idx]))  # the frontier's point when the parabola has no minimum inside the grid
         if fit is None:
-            out.append((float("nan"), float("nan"), lowest, None))
+            out.append((float("nan"), float("nan"), lowest, None, False))
             continue
         k, x0, c = fit
         slope, icpt = np.polyfit(x, np.log(D[idx]), 1)  # log D ~ log N at fixed C
         inside = x.min() <= x0 <= x.max()
         if abs(x0 - x.mean()) > 10:  # a nearly flat parabola: its vertex says nothing about this grid
-            out.append((float("nan"), float("nan"), lowest, fit))
+            out.append((float("nan"), float("nan"), lowest, fit, False))
             continue
-        out.append((math.exp(x0), math.exp(icpt + slope * x0), c if inside else lowest, fit))
+        out.append((math.exp(x0), math.exp(icpt + slope * x0), c if inside else lowest, fit, inside))
     Cs = np.array([float(np.mean(C[groups[b]])) for b in budgets])
     n_opt = np.array([o[0] for o in out])
     d_opt = np.array([o[1] for o in out])
     l_min = np.array([o[2] for o in out])
     # The exponents use only vertices inside their budget's sizes: an extrapolated vertex is a guess about sizes
     # that were not trained, and a parabola's far tail is where it is least right.
-    inside = np.array([np.isfinite(n) and np.log(N[groups[b]]).min() <= math.log(n) <= np.log(N[groups[b]]).max()
-                       for n, b in zip(n_opt, budgets)])
+    inside = np.array([o[4] for o in out])
     a, la = _power_law(Cs, np.where(inside, n_opt, np.nan))
     bb, lb = _power_law(Cs, np.where(inside, d_opt, np.nan))
     k, lk = _power_law(Cs, l_min)
-    return {"C": Cs, "n_opt": n_opt, "d_opt": d_opt, "l_min": l_min, "fits": [o[3] for o in out],
+    return {"C": Cs, "n_opt": n_opt, "d_opt": d_opt, "l_min": l_min, "fits": [o[3] for o in out], "inside": inside,
             "a": a, "log_ka": la, "b": bb, "log_kb": lb, "k": k, "log_kl": lk}
 
 
@@ -173,7 +173,7 @@ def isoflop_fit(N, D, C, L, S, budgets_planned, *, boot: int = 200, seed: int = 
             "n_opt_ci": _ci([r["n_opt"][j] for r in reps]), "d_opt_ci": _ci([r["d_opt"][j] for r in reps]),
             "l_min_ci": _ci([r["l_min"][j] for r in reps]),
             "no_minimum_share": float(np.mean([not np.isfinite(r["n_opt"][j]) for r in reps])) if reps else 0.0,
-            "inside_grid": bool(np.isfinite(n_opt) and N[groups[b]].min() <= n_opt <= N[groups[b]].max()),
+            "inside_grid": bool(base["inside"][j]),
             "parabola": None if base["fits"][j] is None else dict(zip(("k", "log_n_opt", "l_min"), base["fits"][j])),
         })
     return {"per_budget": per_budget, "a": base["a"], "a_ci": _ci([r["a"] for r in reps]),

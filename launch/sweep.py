@@ -257,10 +257,10 @@ def _exclude(rules, plans: list[RunPlan]) -> list[RunPlan]:
         if not isinstance(rule, dict) or not rule or set(rule) - set(EXCLUDE_KEYS):
             raise SweepError(f"{where}: an entry is a mapping of some of {', '.join(EXCLUDE_KEYS)}")
         want = {k: value(k, v, where) for k, v in rule.items()}
-        hit = [p for p in plans if all(getattr(p, k) == v for k, v in want.items())]
-        if not hit:
+        keep = [p for p in plans if any(getattr(p, k) != v for k, v in want.items())]
+        if len(keep) == len(plans):
             raise SweepError(f"{where} matches no run of the grid (check the size name, objective and budget)")
-        plans = [p for p in plans if p not in hit]
+        plans = keep
     for i, p in enumerate(plans):
         p.index = i
     return plans

@@ -375,12 +375,16 @@ def to_dict(obj) -> dict:
     return plain(out)
 
 
-def _set_dotted(tree: dict, dotted: str, value, root_cls) -> None:
+def _set_dotted(tree: dict, dotted: str, value, root_cls, text: Optional[str] = None) -> None:
+    """Set `dotted` in the plain config tree, checking each key against the dataclasses. `text`: the value as
+    written on a command line; a str field takes it verbatim where YAML read a bool or a number (train.name=off
+    is the name "off", not False)."""
     parts = dotted.split(".")
     cls = root_cls
     node = tree
     for i, part in enumerate(parts):
         prefix = ".".join(parts[:i]) + ("." if i else "")
+        hint, args = None, []
         if cls is not None and dataclasses.is_dataclass(cls):
             names = {f.name for f in dataclasses.fields(cls)}
             if part not in names:
@@ -390,24 +394,13 @@ def _set_dotted(tree: dict, dotted: str, value, root_cls) -> None:
             cls = hint if dataclasses.is_dataclass(hint) else (args[0] if len(args) == 1 and
                                                               dataclasses.is_dataclass(args[0]) else None)
         if i == len(parts) - 1:
+            if text is not None and isinstance(value, (bool, int, float)) and (hint is str or args == [str]):
+                value = text
             node[part] = value
         else:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-
-
-def _is_str_field(root_cls, dotted: str) -> bool:
-    """Whether the dotted key names a str (or Optional[str]) field of the config tree."""
-    cls, hint = root_cls, None
-    for part in dotted.split("."):
-        if cls is None or not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
-            return False
-        hint = typing.get_type_hints(cls)[part]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        cls = hint if dataclasses.is_dataclass(hint) else (args[0] if len(args) == 1 else None)
-    return hint is str or (typing.get_origin(hint) in (Union, types.UnionType)
-                           and [a for a in typing.get_args(hint) if a is not type(None)] == [str])
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -438,9 +431,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
             raise ConfigError(f"{path} must hold a mapping of sections (model, data, train, ...)")
     for item in overrides:
         key, value = parse_override(item)
-        if _is_str_field(Config, key) and isinstance(value, (bool, int, float)):
-            value = item.split("=", 1)[1].strip()  # train.name=off is the name "off", not False
-        _set_dotted(tree, key, value, Config)
+        _set_dotted(tree, key, value, Config, text=item.split("=", 1)[1].strip())
     cfg = from_dict(Config, tree)
     cfg.validate()
     return cfg

@@ -22,19 +22,12 @@ def shared_data() -> Path:
 def pytest_sessionfinish(session, exitstatus):
     """Kill any process a test left behind (a hung pool worker, an orphaned torchrun rank): a leftover child
     keeps CI's output pipe open, so the job would wait out its hard limit after the tests have finished."""
-    import signal
-
-    from dist_launch import descendants
+    from dist_launch import descendants, kill_pids
     if "wandb" in sys.modules:  # its service process is expected: close it the way wandb's own atexit would
         try:
             sys.modules["wandb"].teardown()
         except Exception as e:  # noqa: BLE001 - whatever is left is killed below
             print(f"\nconftest: wandb teardown failed: {e}")
-    leftovers = descendants(os.getpid())
-    for pid in leftovers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    leftovers = kill_pids(descendants(os.getpid()))
     if leftovers:
         print(f"\nconftest: killed {len(leftovers)} process(es) left behind by the tests: {leftovers}")

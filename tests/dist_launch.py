@@ -94,13 +94,18 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_tree(proc: subprocess.Popen) -> list[int]:
-    """SIGKILL torchrun and every worker it started, at once; returns the pids it killed."""
-    victims = [proc.pid] + descendants(proc.pid)
-    for pid in victims:
+def kill_pids(pids: list[int]) -> list[int]:
+    """SIGKILL each pid (one that already exited is skipped); returns the pids."""
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        except ProcessLookupError:  # exited between listing and killing: nothing to do
+            continue
+    return pids
+
+
+def kill_tree(proc: subprocess.Popen) -> list[int]:
+    """SIGKILL torchrun and every worker it started, at once; returns the pids it killed."""
+    victims = kill_pids([proc.pid] + descendants(proc.pid))
     proc.wait()
     return victims
