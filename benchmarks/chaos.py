@@ -24,7 +24,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from launch.procs import kill_tree  # noqa: E402
 
 
 def run_args(out: Path, name: str, args) -> list[str]:
@@ -50,31 +51,9 @@ def env() -> dict:
             "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def kill_all(proc: subprocess.Popen) -> None:
     """SIGKILL torchrun and all its workers at once (the workers run in their own sessions)."""
-    victims = [proc.pid] + descendants(proc.pid)
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+    victims = kill_tree(proc)
     deadline = time.time() + 10  # the workers are not our children: wait until they are gone
     while time.time() < deadline and any(_alive(p) for p in victims[1:]):
         time.sleep(0.01)
@@ -157,7 +136,7 @@ def run_to_end(cmd: list[str], log: Path, timeout: float) -> float:
 
 
 def chaos(args) -> dict:
-    from pretrain.checkpoint import latest_checkpoint, step_of
+    from pretrain.checkpoint.store import latest_checkpoint, step_of
     rng = random.Random(args.seed)
     out = Path(args.out or tempfile.mkdtemp(prefix="chaos-"))
     shutil.rmtree(out / "reference", ignore_errors=True)

@@ -137,8 +137,9 @@ def bench_loader(folder: Path, seq_len: int, batch: int, batches: int) -> tuple[
 def bench_train_step(config: str, vocab: int, steps: int) -> tuple[float, float, str, int, int]:
     from model import Transformer, count_params
     from pretrain.config import load_config
-    from pretrain.diffusion import draw_step_noise, get_schedule, mdm_loss
-    from pretrain.train import build_optimizer
+    from model.objectives import draw_step_noise, get_schedule
+    from model.objectives.mdm import mdm_loss
+    from pretrain.loop.train import build_optimizer
     cfg = load_config(str(ROOT / config))
     m = cfg.model
     m.vocab_size, m.mask_id = m.vocab_size or vocab, m.mask_id if m.mask_id is not None else 1

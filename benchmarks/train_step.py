@@ -19,9 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import Transformer, count_params, flops_per_token, get_preset  # noqa: E402
-from pretrain.diffusion import LinearSchedule, mdm_loss, sample_u  # noqa: E402
-from pretrain.flops import measure_matmul_peak  # noqa: E402
-from pretrain.train import build_optimizer  # noqa: E402
+from model.objectives import LinearSchedule, sample_u  # noqa: E402
+from model.objectives.mdm import mdm_loss  # noqa: E402
+from pretrain.loop.flops import measure_matmul_peak  # noqa: E402
+from pretrain.loop.train import build_optimizer  # noqa: E402
 from pretrain.config import OptimConfig  # noqa: E402
 
 

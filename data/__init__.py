@@ -1,7 +1,8 @@
 """Corpora to batches: the built-in synthetic language, prepared token shards, and the stateless loader.
 
-Modules import one way, bottom up: errors (DataError, paths, hub check); tokenizer, megatron, source, loader;
-inputs, shards, synthetic; prepare, prepared, blend; this file (which dispatches on the data kind)."""
+Modules import one way, bottom up: errors (DataError, paths, hub check) and dist (rank, world size); tokenizer,
+megatron, source, loader; inputs, shards, synthetic; prepare, prepared, blend; this file (which dispatches on
+the data kind)."""
 from pathlib import Path
 
 from .loader import Loader, permute
@@ -29,11 +30,11 @@ def load_run_tokenizer(run_dir, cfg):
         from .synthetic import MarkovLanguage
         s = cfg.data.synthetic
         tok = SymbolTokenizer(MarkovLanguage(s.num_symbols, s.branching, s.concentration, s.seed))
-        imported = (run_dir / "imported_from.json").is_file()  # written by pretrain.convert
+        imported = (run_dir / "imported_from.json").is_file()  # written by pretrain.interop.convert
         if imported and cfg.model.mask_id not in (None, tok.mask_id):  # e.g. SMDM (mask 32000) without a tokenizer
             raise FileNotFoundError(f"{run_dir} was imported without a tokenizer (its mask id is {cfg.model.mask_id}, "
                                     f"not a synthetic language's), so its text cannot be tokenized: rerun python -m "
-                                    f"pretrain.convert ... --tokenizer PATH/tokenizer.json")
+                                    f"pretrain.interop.convert ... --tokenizer PATH/tokenizer.json")
         return tok
     raise FileNotFoundError(f"{run_dir} has no tokenizer.json; it is needed to tokenize evaluation text")
 

@@ -7,19 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from .blend import BlendedSource
+from .dist import distributed, rank as process_rank
 from .shards import (ArrayShard, DataError, PreparedDataset, TokenStream, framed_source, read_meta,
                      resolve_path)
 from .source import DataBundle
-
-
-def _dist_rank() -> tuple[int, bool]:
-    try:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), True
-    except ImportError:
-        pass
-    return 0, False
 
 
 def ensure_prepared(cfg) -> None:
@@ -28,12 +19,12 @@ def ensure_prepared(cfg) -> None:
     from .prepare import PrepareJob, prepare
     out = resolve_path(cfg.sources[0].path)
     job = PrepareJob.from_config(cfg.prepare)
-    rank, distributed = _dist_rank()
+    rank, multi = process_rank(), distributed()
     if rank == 0:
         if not (out / "meta.json").is_file():
             print(f"preparing {out} on first use (python -m data.prepare does the same; later runs reuse it)")
         prepare(job, out, workers=cfg.prepare.workers, progress=True)
-    if distributed and rank != 0:
+    if multi and rank != 0:
         # Wait on the file, not in a collective: preparing a large corpus takes longer than a process group's
         # timeout (10 minutes for NCCL). Better still, prepare before the job (python -m launch.prepare_data;
         # the slurm template does).
@@ -47,7 +38,7 @@ def ensure_prepared(cfg) -> None:
                                 f"the job with python -m launch.prepare_data --config ... (or raise "
                                 f"UNMASK_PREPARE_WAIT_S)")
             time.sleep(5)
-    if distributed:
+    if multi:
         import torch.distributed as dist
         dist.barrier()  # everyone past preparation: returns at once
     if rank != 0:

@@ -1,38 +1,24 @@
-"""Negative-ELBO estimators for masked diffusion LMs (perplexity *bounds*), and exact AR likelihoods.
+"""Bound estimators for every objective (perplexity *bounds*), data-parallel, with error bars; exact AR values.
 
-For a sequence x0 whose scored ("maskable") positions number n, the continuous-time negative ELBO is
-
-    NELBO(x0) = int_0^1 (1/t) E_{S ~ q_t} [ sum_{i in S} -log p(x0_i | x0 with S masked) ] dt
-              = sum_{l=1..n} (1/l) E_{|S| = l} [ sum_{i in S} -log p(x0_i | x0 with S masked) ]
-
-(S: the set of masked positions; each position is masked with probability t under q_t; the second line
-integrates t out exactly and equals the expected negative log-likelihood of the any-order autoregressive
-model, so NELBO(x0) >= -log p_mix(x0) for the normalized mixture p_mix over decoding orders.)
-
-Estimators, each an unbiased per-sequence estimate repeated `samples` (K) times:
-  - "mdlm":  one t per sequence, t = (1 - eps) u + eps, u low-discrepancy over a group of consecutive
-             sequences (MDLM's antithetic sampling); estimate (1/t) * sum of CE over masked positions. Its
-             expectation is (1/(1-eps)) int_eps^1 ... dt, the NELBO up to O(eps) (MDLM's convention).
-  - "t":     K values of t per sequence, stratified over the K samples; same weight 1/t.
-  - "count": K masked counts l per sequence, stratified over {1..n} (LLaDA); a uniformly random subset of
-             size l is masked, weight n / l. Its expectation is the NELBO above *exactly* (no eps).
-  - "ar":    exact next-token NLL of a causal checkpoint (no Monte Carlo).
+What is estimated comes from the checkpoint's objective (model/objectives): its `eval_methods`, the noise of
+one Monte Carlo sample (`eval_draw`) and the weighted per-sequence sums (`eval_sums`). This module owns what
+is common to all of them: padding and batching, the split of sequences over ranks, the all-reduce, standard
+errors, and lm-eval's rolling windows. For masked diffusion the estimators are "count" (exact in
+expectation), "t" and "mdlm" (model/objectives/mdm.py); "ar" is the exact next-token NLL of a causal
+checkpoint.
 
 All randomness of sequence b, sample k is a pure function of (seed, b, k), so results do not depend on the
 batch size or on how many data-parallel ranks split the sequences.
 
-The model follows MDLM's SUBS parameterization at evaluation: the mask token's logit is set to -inf, so the
-model's distribution is over real tokens only (it never has to put mass on the mask).
-
 Public API used by other modules:
     rolling_nelbo(model, token_ids, *, mask_id, window, samples=16, seed=0, bos_id=None, eos_id=None,
-                  method="count", batch_size=16, ar=None, eps=1e-3) -> RollingNelbo(total_nats, n_tokens, stderr)
-        (lm-eval's rolling windows, each conditioned on the text before it)
-    evaluate_blocks(model, blocks, *, method, samples, seed, mask_id, ...) -> Estimate
+                  method="count", batch_size=16, ar=None, eps=1e-3, objective=None)
+        -> RollingNelbo(total_nats, n_tokens, stderr)   (lm-eval's rolling windows, each conditioned on the
+                                                          text before it)
+    evaluate_blocks(model, blocks, *, method, samples, seed, mask_id, ..., objective=None) -> Estimate
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional, Sequence
@@ -42,86 +28,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from model.objectives import DiffusionConfig, Objective, build_objective, pad
+from model.objectives.ar import ar_nll_sums
+from model.objectives.mdm import autocast_for
+
 METHODS = ("mdlm", "t", "count", "ar")
-_TAG_GROUP, _TAG_T, _TAG_COUNT, _TAG_POS = 1, 2, 3, 4  # stream names for the noise generators
 Z95 = 1.959963984540054
 
 
-def _gen(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator for one named noise stream; SeedSequence mixes (seed, keys) into independent states."""
-    words = np.random.SeedSequence([int(seed) % 2**32, *[int(k) for k in keys]]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(((int(words[0]) << 32) | int(words[1])) & 0x7FFF_FFFF_FFFF_FFFF)
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (fp16 overflows in these models), plain fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def draw_mask(method: str, *, seed: int, seq: int, sample: int, samples: int, maskable: torch.Tensor,
-              eps: float = 1e-3, group: int = 32) -> tuple[torch.Tensor, float]:
-    """Masked positions (bool, like `maskable`) and the estimator weight for sample `sample` of sequence `seq`.
-
-    `maskable` marks the positions that may be masked and are scored; n = maskable.sum() >= 1."""
-    L = maskable.numel()
-    n = int(maskable.sum())
-    if n == 0:
-        raise ValueError("a sequence with no scored positions has nothing to estimate")
-    pos = torch.rand(L, generator=_gen(seed, _TAG_POS, seq, sample), dtype=torch.float64)
-    if method == "count":
-        v0 = torch.rand(1, generator=_gen(seed, _TAG_COUNT, seq), dtype=torch.float64).item()
-        # Stratified over the K samples of this sequence; each l is still marginally uniform on {1..n}.
-        l = min(n, 1 + int(((v0 + sample / samples) % 1.0) * n))
-        pos = pos.masked_fill(~maskable, 2.0)  # never chosen: the l smallest scores are real candidates
-        masked = torch.zeros(L, dtype=torch.bool)
-        masked[pos.argsort()[:l]] = True
-        return masked, n / l
-    if method == "mdlm":
-        # Low-discrepancy u over a group of consecutive sequences (MDLM's antithetic t over the batch); the
-        # group is fixed by sequence index, not by the batch, so ranks and batch sizes see the same noise.
-        g = _gen(seed, _TAG_GROUP, seq // group, sample)
-        u0 = torch.rand(1, generator=g, dtype=torch.float64).item()
-        slot = int(torch.randperm(group, generator=g)[seq % group])
-        u = 1.0 - ((u0 + slot / group) % 1.0)
-    elif method == "t":
-        u0 = torch.rand(1, generator=_gen(seed, _TAG_T, seq), dtype=torch.float64).item()
-        u = 1.0 - ((u0 + sample / samples) % 1.0)
-    else:
+def objective_for(method: str, mask_id: int, objective: Optional[Objective] = None) -> Objective:
+    """The objective whose bound `method` estimates: the given one, or (callers that name only a method)
+    masked diffusion for its estimators and the AR baseline for "ar"."""
+    if objective is not None:
+        if method not in objective.eval_methods:
+            raise ValueError(f"estimator {method!r} does not fit objective {objective.name!r}; choices: "
+                             f"{', '.join(objective.eval_methods)}")
+        return objective
+    if method not in METHODS:
         raise ValueError(f"unknown estimator {method!r}; choices: {', '.join(METHODS)}")
-    t = (1.0 - eps) * u + eps
-    return (pos < t) & maskable, 1.0 / t
-
-
-def masked_ce_sums(model, x0: torch.Tensor, masked: torch.Tensor, *, mask_id: int,
-                   key_padding: Optional[torch.Tensor] = None, subs: bool = True) -> torch.Tensor:
-    """(R,) float64: per row, sum over masked positions of -log p(x0_i | x0 with `masked` replaced by the mask)."""
-    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    if key_padding is not None and bool(key_padding.all()):
-        key_padding = None  # the unmasked attention path is faster
-    with autocast_for(x0.device):
-        logits = model(xt, key_padding=key_padding, logits_at=masked)
-    logits = logits.float()
-    if subs:
-        logits[:, mask_id] = float("-inf")
-    ce = F.cross_entropy(logits, x0[masked], reduction="none")
-    rows = masked.nonzero()[:, 0]  # boolean indexing is row-major, so rows line up with `ce`
-    return torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device).index_add_(0, rows, ce.double())
-
-
-def ar_nll_sums(model, x: torch.Tensor, scored: torch.Tensor, *, mask_id: Optional[int] = None,
-                key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(R,) float64: sum over positions i >= 1 with scored[:, i] of -log p(x_i | x_<i) under a causal model."""
-    if key_padding is not None and bool(key_padding.all()):
-        key_padding = None
-    with autocast_for(x.device):
-        logits = model(x, key_padding=key_padding)
-    logits = logits[:, :-1].float()
-    if mask_id is not None and mask_id < logits.shape[-1]:
-        logits[..., mask_id] = float("-inf")  # the mask id never occurs in text
-    ce = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (R, L-1)
-    return (ce.double() * scored[:, 1:]).sum(1)
+    return build_objective(DiffusionConfig(objective="ar" if method == "ar" else "mdm"), mask_id=mask_id)
 
 
 @dataclass
@@ -175,24 +100,17 @@ def _as_rows(seqs) -> list[torch.Tensor]:
     return [torch.as_tensor(s, dtype=torch.long) for s in seqs]
 
 
-def _pad(rows: list[torch.Tensor], fill: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(r.numel() for r in rows)
-    out = torch.full((len(rows), L), fill, dtype=rows[0].dtype)
-    keep = torch.zeros(len(rows), L, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        out[i, :r.numel()] = r
-        keep[i, :r.numel()] = True
-    return out.to(device), keep.to(device)
-
-
 @torch.no_grad()
 def sequence_samples(model, seqs, *, method: str, samples: int, seed: int, mask_id: int,
                      maskable=None, seq_ids: Optional[Sequence[int]] = None, eps: float = 1e-3,
-                     batch_size: int = 16, group: int = 32, subs: bool = True, progress=None) -> torch.Tensor:
+                     batch_size: int = 16, group: int = 32, subs: bool = True, progress=None,
+                     objective: Optional[Objective] = None) -> torch.Tensor:
     """(N, K) float64: K unbiased estimates of each sequence's NELBO (nats, summed over its scored positions).
 
     seqs: (N, L) tensor or a list of 1-D id sequences (padded per batch); maskable: matching bool masks
-    (default: every position); seq_ids: the global index of each sequence, which names its noise."""
+    (default: every position); seq_ids: the global index of each sequence, which names its noise;
+    objective: whose bound (default: masked diffusion; see objective_for)."""
+    objective = objective_for(method, mask_id, objective)
     rows = _as_rows(seqs)
     maskable = [torch.ones(r.numel(), dtype=torch.bool) for r in rows] if maskable is None \
         else [torch.as_tensor(m, dtype=torch.bool).cpu() for m in _as_rows(maskable)]
@@ -202,17 +120,12 @@ def sequence_samples(model, seqs, *, method: str, samples: int, seed: int, mask_
     jobs = [(i, k) for i in range(len(rows)) for k in range(samples)]
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        masks, weights = [], []
-        for i, k in chunk:
-            m, w = draw_mask(method, seed=seed, seq=seq_ids[i], sample=k, samples=samples, maskable=maskable[i],
-                             eps=eps, group=group)
-            masks.append(m)
-            weights.append(w)
-        x0, keep = _pad([rows[i] for i, _ in chunk], mask_id, device)
-        masked, _ = _pad(masks, False, device)
-        sums = masked_ce_sums(model, x0, masked.bool(), mask_id=mask_id, key_padding=keep, subs=subs).cpu()
-        for (i, k), s, w in zip(chunk, sums.tolist(), weights):
-            out[i, k] = s * w
+        draws = [objective.eval_draw(method, seed=seed, seq=seq_ids[i], sample=k, samples=samples,
+                                     maskable=maskable[i], eps=eps, group=group) for i, k in chunk]
+        x0, keep = pad([rows[i] for i, _ in chunk], mask_id, device)
+        sums = objective.eval_sums(model, x0, draws, keep=keep, subs=subs)
+        for (i, k), s in zip(chunk, sums.tolist()):
+            out[i, k] = s
         if progress is not None:
             progress.update(sum(int(maskable[i].sum()) for i, _ in chunk) / samples)
     return out
@@ -237,8 +150,9 @@ def _reduce(values: list[float], device) -> list[float]:
 @torch.no_grad()
 def evaluate_blocks(model, blocks, *, method: str, samples: int = 1, seed: int = 0, mask_id: int,
                     maskable=None, eps: float = 1e-3, batch_size: int = 16, group: int = 32, subs: bool = True,
-                    progress: bool = False, desc: str = "eval") -> Estimate:
+                    progress: bool = False, desc: str = "eval", objective: Optional[Objective] = None) -> Estimate:
     """Bound (or exact AR NLL) of a set of sequences, data-parallel over the ranks of an initialized process group.
+    `objective`: the checkpoint's objective, whose bound `method` estimates (default: see objective_for).
 
     Each rank takes a contiguous slice of the sequences; sums are all-reduced, so every rank returns the same
     Estimate. For "ar", positions 1..L-1 that are `maskable` are scored (the first token has no context)."""
@@ -255,12 +169,13 @@ def evaluate_blocks(model, blocks, *, method: str, samples: int = 1, seed: int =
                    disable=None)  # off when stderr is not a terminal
     local = rows[lo:hi]
     local_masks = masks[lo:hi] if masks is not None else [torch.ones(r.numel(), dtype=torch.bool) for r in local]
-    if method == "ar":
+    objective = objective_for(method, mask_id, objective)
+    if objective.exact:
         total = 0.0
         n_tok = 0
         for s in range(0, len(local), batch_size):
-            x, keep = _pad(local[s:s + batch_size], 0, device)
-            sc, _ = _pad(local_masks[s:s + batch_size], False, device)
+            x, keep = pad(local[s:s + batch_size], 0, device)
+            sc, _ = pad(local_masks[s:s + batch_size], False, device)
             total += float(ar_nll_sums(model, x, sc.bool() & keep, mask_id=mask_id, key_padding=keep).sum())
             n_tok += int(sc[:, 1:].sum())
             if bar is not None:
@@ -271,7 +186,7 @@ def evaluate_blocks(model, blocks, *, method: str, samples: int = 1, seed: int =
         return Estimate("ar", total, int(n_tok), int(n_seq), 0, seed, 0.0, "exact", 0.0, 0.0)
     est = (sequence_samples(model, local, method=method, samples=samples, seed=seed, mask_id=mask_id,
                             maskable=local_masks, seq_ids=range(lo, hi), eps=eps, batch_size=batch_size,
-                            group=group, subs=subs, progress=bar)
+                            group=group, subs=subs, progress=bar, objective=objective)
            if local else torch.zeros(0, samples, dtype=torch.float64))
     if bar is not None:
         bar.close()
@@ -328,7 +243,8 @@ def document_key(seed: int, ids: Sequence[int]) -> int:
 @torch.no_grad()
 def rolling_nelbo(model, token_ids: Sequence[int], *, mask_id: int, window: int, samples: int = 16, seed: int = 0,
                   bos_id: Optional[int] = None, eos_id: Optional[int] = None, method: str = "count",
-                  batch_size: int = 16, ar: Optional[bool] = None, eps: float = 1e-3) -> RollingNelbo:
+                  batch_size: int = 16, ar: Optional[bool] = None, eps: float = 1e-3,
+                  objective: Optional[Objective] = None) -> RollingNelbo:
     """-log p(token_ids) for a text of any length, lm-eval's `loglikelihood_rolling` (return -total_nats):
     exact for AR checkpoints, an upper bound (NELBO) for masked diffusion.
 
@@ -361,7 +277,7 @@ def rolling_nelbo(model, token_ids: Sequence[int], *, mask_id: int, window: int,
     key = document_key(seed, ids)
     est = sequence_samples(model, seqs, method=method, samples=samples, seed=seed, mask_id=mask_id,
                            maskable=masks, seq_ids=[key * 4096 + k for k in range(len(seqs))], eps=eps,
-                           batch_size=batch_size)
+                           batch_size=batch_size, objective=objective)
     total = float(est.mean(1).sum())
     if samples > 1:
         se = math.sqrt(float(est.var(1, unbiased=True).sum()) / samples)
@@ -381,8 +297,8 @@ def _rolling_ar(model, ids, *, mask_id, window, pre, batch_size, device) -> Roll
         seqs.append(torch.tensor(seq))
         scored.append(torch.tensor([False] * len(ctx) + [True] * (e - s)))
     for b in range(0, len(seqs), batch_size):
-        x, keep = _pad(seqs[b:b + batch_size], 0, device)
-        sc, _ = _pad(scored[b:b + batch_size], False, device)
+        x, keep = pad(seqs[b:b + batch_size], 0, device)
+        sc, _ = pad(scored[b:b + batch_size], False, device)
         # The last token is only a target: the model sees at most `window` inputs, as lm-eval feeds it.
         inputs, kp = x[:, :-1], keep[:, :-1]
         with autocast_for(x.device):

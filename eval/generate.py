@@ -131,7 +131,7 @@ def main(argv=None) -> int:
                        cfg_scale=args.cfg_scale, eos_id=eos, min_new_tokens=args.min_new_tokens,
                        stop_at_eos=args.stop_at_eos and eos is not None, callback=show if args.visualize else None,
                        decode=args.decode, threshold=args.threshold, factor=args.factor, kv_cache=args.kv_cache,
-                       refresh_every=args.refresh_every, stats=stats)
+                       refresh_every=args.refresh_every, stats=stats, objective=run.objective)
     except ValueError as e:  # an impossible option combination (e.g. --decode threshold --sampler mdlm)
         print(f"error: {e}", file=sys.stderr)
         return 2

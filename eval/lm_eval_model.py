@@ -163,7 +163,8 @@ class UnmaskLM(LM):
             res = rolling_nelbo(self.model, ids, mask_id=self.mask_id, window=self.max_length,
                                 samples=self.rolling_samples, seed=self.seed, bos_id=self.prefix_id,
                                 method="ar" if self.run.is_ar else self.rolling_method,
-                                batch_size=self.batch_size, ar=self.run.is_ar)
+                                batch_size=self.batch_size, ar=self.run.is_ar,
+                                objective=None if self.run.is_ar else self.run.objective)
             ll = -res.total_nats  # a lower bound on log p(text) for diffusion (ELBO), exact for AR
             out.append(ll)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), ll)
@@ -230,6 +231,7 @@ class UnmaskLM(LM):
                              remasking=self.remasking, sampler=self.sampler,
                              seeds=[zlib.crc32(repr((self.seed, c)).encode()) for c in ctxs],
                              cfg_scale=0.0 if self.run.is_ar else self.cfg_scale, eos_id=self.eos_id,
+                             objective=self.run.objective,
                              stop_at_eos=self.eos_id is not None,
                              stop_fn=stopped if (until or self.eos_id is not None) else None, **self.fast)
         texts = []

@@ -25,9 +25,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from model.objectives import OBJECTIVES
+
 from .corpora import (DATASETS, DEFAULT_SPLIT, PROTOCOLS, Blocks, CorpusError, get_protocol, load_corpus,
                       tokenize_and_wrap)
-from .elbo import METHODS, Estimate, evaluate_blocks
+from .elbo import Estimate, evaluate_blocks
 
 LN2 = math.log(2.0)
 
@@ -213,12 +215,11 @@ def counts_main(args) -> tuple[list[dict], list[str]]:
     if args.tokenizer:
         tok = load_counting_tokenizer(args.tokenizer)
     elif args.ckpt:
-        import yaml
         from data import load_run_tokenizer
-        from pretrain.config import Config, from_dict
-        from .load import _find
-        run_dir, _ = _find(Path(args.ckpt))
-        tok = load_run_tokenizer(run_dir, from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text())))
+        from pretrain.checkpoint.store import find_checkpoint
+        from pretrain.config import load_run_config
+        run_dir, _ = find_checkpoint(args.ckpt, exports=True)
+        tok = load_run_tokenizer(run_dir, load_run_config(run_dir))
     else:
         raise SystemExit("--counts-only needs --tokenizer PATH (e.g. ../shared/data/gpt2-tokenizer) or --ckpt RUN")
     protocol = get_protocol(args.protocol, args.rows_per_wrap, args.wrap_shards)
@@ -253,7 +254,7 @@ def main(argv=None) -> tuple[list[dict], list[str]]:
         return counts_main(args)
     if not args.ckpt:
         raise SystemExit("--ckpt is required (or --counts-only --tokenizer PATH for a dry run without a model)")
-    from pretrain.parallel import init_distributed
+    from pretrain.engines.parallel import init_distributed
     from .load import load
 
     if args.threads:
@@ -269,13 +270,14 @@ def main(argv=None) -> tuple[list[dict], list[str]]:
     run_dir = loaded.run_dir
     weights = loaded.weights
     protocol = get_protocol(args.protocol, args.rows_per_wrap, args.wrap_shards)
-    methods = [m.strip() for m in (args.method or ("ar" if loaded.is_ar else "mdlm")).split(",") if m.strip()]
+    objective = loaded.objective
+    methods = [m.strip() for m in (args.method or objective.eval_methods[0]).split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown --method {m!r}; choices: {', '.join(METHODS)}")
-        if (m == "ar") != loaded.is_ar:
-            raise SystemExit(f"--method {m} does not fit this checkpoint (objective "
-                             f"{loaded.cfg.diffusion.objective}): use " + ("ar" if loaded.is_ar else "mdlm, t or count"))
+        if m not in objective.eval_methods:
+            known = sorted({k for cls in OBJECTIVES.values() for k in cls.eval_methods})
+            what = "does not fit this checkpoint" if m in known else "is not an estimator"
+            raise SystemExit(f"--method {m} {what} (objective {objective.name}): use "
+                             f"{', '.join(objective.eval_methods)}")
     if args.seq_len is None:
         args.seq_len = min(1024, model.cfg.max_seq_len)
         if args.seq_len < 1024:
@@ -314,7 +316,7 @@ def main(argv=None) -> tuple[list[dict], list[str]]:
             t0 = time.perf_counter()
             est = evaluate_blocks(model, x, method=method, samples=args.samples, seed=args.seed, mask_id=mask_id,
                                   maskable=maskable, eps=eps, batch_size=args.batch_size, group=args.group,
-                                  progress=not args.no_progress, desc=f"{name} {method}")
+                                  progress=not args.no_progress, desc=f"{name} {method}", objective=objective)
             seconds = time.perf_counter() - t0
             row = result_row(est, dataset=name, split=split, source=source, blocks=blocks, seq_len=args.seq_len,
                              seconds=seconds, step=loaded.step, ckpt=str(loaded.path), true_entropy=truth,

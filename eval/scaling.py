@@ -17,7 +17,7 @@ bootstrap: each loss redrawn around its fitted parabola with its own standard er
 residual variance; approach 3 a residual bootstrap (fitted log-loss + resampled residuals); the data-constrained
 fit resamples runs with replacement.
 N is the non-embedding parameter count (--params total for all parameters); C the run's training FLOPs as counted
-by pretrain/flops.py; D the tokens it trained on. Outputs: PNG figures, scaling.json and scaling.md under --out.
+by pretrain/loop/flops.py; D the tokens it trained on. Outputs: PNG figures, scaling.json and scaling.md under --out.
 """
 from __future__ import annotations
 
@@ -433,7 +433,7 @@ def plot_frontier(rows_by_obj, iso, mult, out: Path, loss: str) -> Path:
         ax.set_title("loss vs training compute")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("training FLOPs (pretrain/flops.py count)")
+    ax.set_xlabel("training FLOPs (pretrain/loop/flops.py count)")
     ax.set_ylabel(f"held-out {loss} NELBO (nats/token)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)

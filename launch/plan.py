@@ -4,7 +4,7 @@
         --global-batch 1280 --micro-batch 1 --ac full
 
 Exact parts (parameters, gradients, AdamW state): the model is built on the meta device, and the real
-parallelization of pretrain/parallel.py (TP+SP plan, FSDP2) is applied under the real mesh on a *fake*
+parallelization of pretrain/engines/parallel.py (TP+SP plan, FSDP2) is applied under the real mesh on a *fake*
 process group of the full world size, so every number is read off the actual sharded DTensors of rank 0
 (the rank with the largest shards: uneven dimensions give their remainder to the first ranks).
 
@@ -46,7 +46,7 @@ def sharded_state_bytes(mcfg, layout: Layout) -> dict:
 
     from model import Transformer
     from pretrain.config import ParallelConfig
-    from pretrain.parallel import ParallelDims, build_mesh, parallelize
+    from pretrain.engines.parallel import ParallelDims, build_mesh, parallelize
 
     pcfg = ParallelConfig(dp_replicate=layout.dp_replicate, tp=layout.tp)
     dims = ParallelDims.from_config(pcfg, layout.world)
@@ -81,12 +81,18 @@ def sharded_state_bytes(mcfg, layout: Layout) -> dict:
 
 
 def _fsdp_units(model, tp: int) -> list[int]:
-    """Elements each FSDP unit gathers on one rank (pretrain/parallel.apply_fsdp: the embedding, each block,
+    """Elements each FSDP unit gathers on one rank (pretrain/engines/parallel.apply_fsdp: the embedding, each block,
     [final norm + head]): tensor-parallel weights stay sliced by tp, norm gains are whole. The last entry is
-    the head unit, which stays gathered from its forward to its backward."""
-    def per_rank(module):
-        return sum(p.numel() // tp if p.ndim == 2 else p.numel() for p in module.parameters())
-    head = sum(per_rank(m) for m in (model.norm, model.output))
+    the head unit, which stays gathered from its forward to its backward. Time conditioning's parameters are
+    replicated across tp ranks (whole): each block's modulation is in its block's unit, and the time embedding
+    and the final norm's modulation (the root unit, also gathered from forward to backward) count with the head."""
+    from model.transformer import is_conditioning
+
+    def per_rank(module, replicated: bool = False):
+        return sum(p.numel() if replicated or p.ndim != 2 or is_conditioning(name) else p.numel() // tp
+                   for name, p in module.named_parameters())
+    root = [m for m in (getattr(model, "time_embed", None), getattr(model, "final_modulation", None)) if m is not None]
+    head = sum(per_rank(m) for m in (model.norm, model.output)) + sum(per_rank(m, replicated=True) for m in root)
     return [per_rank(model.tok_embeddings)] + [per_rank(b) for b in model.layers] + [head]
 
 
@@ -109,13 +115,19 @@ def activation_bytes(mcfg, *, seq_len: int, micro: int, tp: int, ac: str, ac_eve
     t); under tensor parallelism the cross-entropy is loss-parallel and unchunked (every row, V / t).
     Attention masks, once per micro-batch: a dense boolean (B, 1, L, L) mask and the bf16 bias SDPA makes
     of it ("dense", 3 bytes per entry); a FlexAttention block mask ("flex", int32 block indices for 128 x 128
-    tiles, forward and backward); flash-attn varlen index ("varlen", 8 bytes per token); or nothing."""
+    tiles, forward and backward); flash-attn varlen index ("varlen", 8 bytes per token); or nothing.
+    Time conditioning (adaLN) keeps, per block, the two norm outputs before modulation and the two branch
+    outputs before their gates, 4d / t more (op-level checkpointing recomputes the first and saves the second
+    anyway), and the final norm's output before its modulation (d per token, with the head)."""
     d, k, F, t = mcfg.dim, mcfg.kv_heads * mcfg.head_dim, mcfg.ffn_dim, tp
     tokens = seq_len * micro
     bf16, fp32 = 2, 4
     per_token_block = bf16 * (2 * d + (2 * d + 2 * k + 2 * d + d + 4 * F) / t) + fp32 * (d + k) / t
     if mcfg.n_kv_heads and mcfg.kv_heads != mcfg.n_heads:  # grouped KV: repeated k, v copies for SDPA
         per_token_block += bf16 * 2 * d / t
+    conditioned = getattr(mcfg, "time_conditioning", "none") != "none"
+    if conditioned:
+        per_token_block += bf16 * 4 * d / t
     block_full = per_token_block * tokens
     block_input = bf16 * d / t * tokens
     n = mcfg.n_layers
@@ -131,7 +143,7 @@ def activation_bytes(mcfg, *, seq_len: int, micro: int, tp: int, ac: str, ac_eve
             checkpointed = 0
         blocks = (n - checkpointed) * block_full + checkpointed * block_input + (block_full if checkpointed else 0)
     rows = tokens if (tp > 1 or ce_chunk <= 0) else min(tokens, ce_chunk)
-    head = tokens * bf16 * d + rows * 10 * mcfg.vocab_size / t
+    head = tokens * bf16 * d * (2 if conditioned else 1) + rows * 10 * mcfg.vocab_size / t
     tiles = -(-seq_len // 128)
     masks = {"dense": 3 * micro * seq_len * seq_len, "flex": 2 * 2 * 4 * micro * tiles * tiles,
              "varlen": 8 * tokens, "none": 0}[attn_mask]

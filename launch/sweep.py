@@ -10,7 +10,7 @@ A sweep file (see configs/sweeps/*.yaml):
     name: X                     # runs go to <out_dir>/X/<run>/ (ordinary run directories)
     recipe: configs/Y.yaml      # optional base recipe; `base:` (config sections) is applied over it
     sizes:  [{name: s1, dim: 64, n_layers: 2, n_heads: 2, ffn_dim: 256}, {name: m, preset: 19M}, ...]
-    budgets: [1e12, 3e12]       # training FLOPs per run (the count of pretrain/flops.py: attention included,
+    budgets: [1e12, 3e12]       # training FLOPs per run (the count of pretrain/loop/flops.py: attention included,
                                 # the MDM head at masked positions, SMDM's random-length correction)
     objectives: [mdm, ar]
     seeds: [0]
@@ -31,6 +31,7 @@ standard errors, tokens, unique tokens, epochs, exact parameter counts and FLOPs
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -41,9 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 
-OBJECTIVES = {"mdm": False, "ar": True}  # objective -> model.causal
+
+
+def causal_by_objective() -> dict[str, bool]:
+    """Every registered objective (model/objectives) -> the model.causal it needs."""
+    from model.objectives import OBJECTIVES
+    return {name: cls.causal for name, cls in OBJECTIVES.items()}
 SWEEP_KEYS = {"name", "out_dir", "recipe", "base", "sizes", "budgets", "objectives", "seeds", "unique_tokens",
               "exclude", "rules", "eval", "time", "description"}
 EXCLUDE_KEYS = ("size", "objective", "budget", "seed", "unique_tokens")
@@ -110,15 +115,10 @@ def _deep_update(a: dict, b: dict) -> dict:
 
 
 def load_sweep(path) -> dict:
+    from pretrain.config import read_yaml_mapping
     p = Path(path)
-    if not p.is_file():
-        raise SweepError(f"sweep file {path} does not exist (sweeps live in configs/sweeps/)")
-    try:
-        spec = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(spec, dict):
-        raise SweepError(f"{path} must hold a mapping (name, base, sizes, budgets, objectives, ...)")
+    spec = read_yaml_mapping(p, what="sweep file", where=" (sweeps live in configs/sweeps/)",
+                             holds="name, base, sizes, budgets, objectives, ...", error=SweepError)
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
         raise SweepError(f"unknown sweep key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(SWEEP_KEYS))}")
@@ -147,12 +147,8 @@ def _batch_for(rule, size: str, where: str) -> int:
 
 
 def _base_tree(spec: dict) -> dict:
-    tree: dict = {}
-    if spec.get("recipe"):
-        rp = Path(spec["recipe"])
-        if not rp.is_file():
-            raise SweepError(f"recipe {spec['recipe']} does not exist")
-        tree = yaml.safe_load(rp.read_text()) or {}
+    from pretrain.config import read_yaml_mapping
+    tree = read_yaml_mapping(spec["recipe"], what="recipe", where="", error=SweepError) if spec.get("recipe") else {}
     return _deep_update(tree, json.loads(json.dumps(spec.get("base") or {})))
 
 
@@ -169,7 +165,7 @@ def make_plan(spec: dict, *, quiet: bool = False) -> list[RunPlan]:
 
     from model import Transformer, count_params
     from pretrain.config import Config, ConfigError, from_dict
-    from pretrain.flops import step_flops
+    from pretrain.loop.flops import step_flops
 
     name, out_dir = spec["name"], spec.get("out_dir", "runs")
     rules = spec.get("rules") or {}
@@ -200,7 +196,6 @@ def make_plan(spec: dict, *, quiet: bool = False) -> list[RunPlan]:
         if "preset" in model_keys:
             from model.config import PRESETS
             if model_keys["preset"] not in PRESETS:
-                import difflib
                 close = difflib.get_close_matches(str(model_keys["preset"]), PRESETS, n=2, cutoff=0.4)
                 raise SweepError(f"{where_s}: unknown model preset {model_keys['preset']!r}"
                                  + (f" (did you mean {', '.join(close)}?)" if close else "")
@@ -208,12 +203,13 @@ def make_plan(spec: dict, *, quiet: bool = False) -> list[RunPlan]:
         for oi, obj_entry in enumerate(objectives):
             obj, obj_over = named(obj_entry, oi, "objectives", "name")
             where_o = f"objectives[{oi}] {obj!r}"
-            if obj not in OBJECTIVES:
-                hint = " (block diffusion is planned, not implemented yet)" if obj == "block" else ""
-                raise SweepError(f"{where_o}: unknown objective{hint}; choices: {', '.join(OBJECTIVES)}")
-            if "causal" in model_keys and bool(model_keys["causal"]) != OBJECTIVES[obj]:
+            if obj not in causal_by_objective():
+                close = difflib.get_close_matches(str(obj), causal_by_objective(), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SweepError(f"{where_o}: unknown objective{hint}; choices: {', '.join(causal_by_objective())}")
+            if "causal" in model_keys and bool(model_keys["causal"]) != causal_by_objective()[obj]:
                 raise SweepError(f"{where_o} with {where_s}: the size sets model.causal={model_keys['causal']} but "
-                                 f"objective {obj} needs model.causal={str(OBJECTIVES[obj]).lower()} (drop `causal` "
+                                 f"objective {obj} needs model.causal={str(causal_by_objective()[obj]).lower()} (drop `causal` "
                                  f"from the size: the objective sets it)")
             for bi, b_entry in enumerate(budgets):
                 budget, b_over = named(b_entry, bi, "budgets", "flops")
@@ -282,7 +278,7 @@ def _plan_one(spec, base, rules, ev, timing, data_cache, sweep, out_dir, index, 
         tree["model"] = {k: v for k, v in tree["model"].items() if k in ("vocab_size", "mask_id", "max_seq_len",
                                                                          "attn_backend")}
     tree["model"].update(model_keys)
-    tree["model"]["causal"] = OBJECTIVES[obj]
+    tree["model"]["causal"] = causal_by_objective()[obj]
     tree.setdefault("diffusion", {})["objective"] = obj
     dim_guess = model_keys.get("dim") or tree["model"].get("dim")
     if dim_guess is None and "preset" in model_keys:
@@ -424,10 +420,12 @@ def evaluate_checkpoints(run_dir: Path, ev: dict) -> list[dict]:
     from data import build_data
     from eval.elbo import evaluate_blocks
     from eval.load import load
-    from pretrain.checkpoint import list_checkpoints
+    from pretrain.checkpoint.store import list_checkpoints
 
     first = load(run_dir)
-    cfg = first.cfg
+    cfg, objective = first.cfg, first.objective
+    method = objective.eval_methods[0] if objective.exact else \
+        ev.get("method", "count" if "count" in objective.eval_methods else objective.eval_methods[0])
     valid = next(iter(build_data(cfg.data, cfg.train.seed).valid.values()))
     n = int(ev.get("sequences", 64))
     if valid.num_samples is None:  # endless (synthetic) validation stream: its first n sequences
@@ -440,9 +438,9 @@ def evaluate_checkpoints(run_dir: Path, ev: dict) -> list[dict]:
     for ckpt in list_checkpoints(run_dir / "checkpoints"):
         m = load(ckpt).model if ckpt != first.path else first.model
         with torch.no_grad():
-            est = evaluate_blocks(m, blocks, method="ar" if cfg.diffusion.objective == "ar" else ev.get("method", "count"),
-                                  samples=int(ev.get("samples", 8)), seed=int(ev.get("seed", 0)),
-                                  mask_id=cfg.model.mask_id, batch_size=int(ev.get("batch_size", 32)))
+            est = evaluate_blocks(m, blocks, method=method, samples=int(ev.get("samples", 8)),
+                                  seed=int(ev.get("seed", 0)), mask_id=cfg.model.mask_id,
+                                  batch_size=int(ev.get("batch_size", 32)), objective=objective)
         out.append({"step": int(ckpt.name.split("_")[-1]), "nelbo": est.nelbo, "stderr": est.stderr,
                     "method": est.method, "samples": est.samples, "sequences": est.n_sequences,
                     "tokens": est.n_tokens})
@@ -453,9 +451,9 @@ def work(d: Path, run: str, threads: int = 0) -> dict:
     """Train one planned run (resuming from its checkpoint), evaluate it and write its result.json."""
     import torch
 
-    from pretrain.checkpoint import latest_checkpoint
+    from pretrain.checkpoint.store import latest_checkpoint
     from pretrain.config import load_config
-    from pretrain.train import train
+    from pretrain.loop.train import train
 
     if threads:
         torch.set_num_threads(threads)
@@ -627,7 +625,7 @@ def array_task_bodies(array_script: str) -> list[list[str]]:
 
 def collect(d: Path, ev_threads: int = 0) -> Path:
     """Evaluate every finished run of a sweep that has no result.json yet (after slurm), then write the index."""
-    from pretrain.checkpoint import latest_checkpoint
+    from pretrain.checkpoint.store import latest_checkpoint
     plan = json.loads((d / "plan.json").read_text())
     for r in plan["runs"]:
         ckpt = latest_checkpoint(d / r["name"] / "checkpoints")

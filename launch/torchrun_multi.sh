@@ -15,6 +15,14 @@ MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-unmask}
 LOG_DIR=${LOG_DIR:-logs}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# CUDA caching allocator: expandable segments (tensor sizes change every micro-batch: masked rows, CE chunks,
+# random-length steps; fixed-size segments fragment). Kept if the user set either spelling of the variable.
+if [ -z "${PYTORCH_ALLOC_CONF:-}" ] && [ -z "${PYTORCH_CUDA_ALLOC_CONF:-}" ]; then
+    export PYTORCH_ALLOC_CONF=expandable_segments:True
+fi
+# TORCH_NCCL_ASYNC_ERROR_HANDLING is not set here. Beware: torchrun hands its workers 1 (tear down) when it is
+# unset (torch/distributed/elastic/agent/server/local_elastic_agent.py), not ProcessGroupNCCL's own default 3;
+# torchtitan exports 3 because the flight recorder (parallel.flight_recorder) is incompatible with 1.
 exec torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID" \
     --log-dir="$LOG_DIR" --redirects=3 --tee=3 \

@@ -9,4 +9,12 @@ NPROC=${1:?usage: launch/torchrun_single.sh NPROC --config CONFIG [overrides...]
 shift
 # One CPU thread per process unless the user chose otherwise: N processes x all cores oversubscribes the host.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# CUDA caching allocator: expandable segments (tensor sizes change every micro-batch: masked rows, CE chunks,
+# random-length steps; fixed-size segments fragment). Kept if the user set either spelling of the variable.
+if [ -z "${PYTORCH_ALLOC_CONF:-}" ] && [ -z "${PYTORCH_CUDA_ALLOC_CONF:-}" ]; then
+    export PYTORCH_ALLOC_CONF=expandable_segments:True
+fi
+# TORCH_NCCL_ASYNC_ERROR_HANDLING is not set here. Beware: torchrun hands its workers 1 (tear down) when it is
+# unset (torch/distributed/elastic/agent/server/local_elastic_agent.py), not ProcessGroupNCCL's own default 3;
+# torchtitan exports 3 because the flight recorder (parallel.flight_recorder) is incompatible with 1.
 exec torchrun --standalone --nproc-per-node="$NPROC" -m pretrain "$@"

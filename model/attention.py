@@ -12,15 +12,37 @@ activation-checkpoint recompute, reuses what it built:
 - flash: flash-attn varlen, `cu_seqlens` and the gather index computed here, so no layer syncs with the host.
 `auto` picks flash (installed, CUDA, half precision) > flex (CUDA) > sdpa for masked batches on CUDA, and
 sdpa on CPU (FlexAttention has no CPU backward in torch 2.13).
+
+Compiled FlexAttention (CUDA) and one week of random lengths. Eager flex is torch's unfused reference (it
+materializes the B x H x L x L scores), so flex must stay compiled whatever length a batch has. `_FLEX`
+(`torch.compile(flex_attention)`) and `_BLOCK_MASK` (`torch.compile(create_block_mask)`) are made once, on
+first use (making them at import would cost every `import model` the compiler's own import). The full
+training length is compiled static (the fastest kernels, tiles known to divide it); a length that is not a
+multiple of the flex tile (a random-length step) has its length dimensions marked dynamic, so the first such
+step compiles one dynamic-length graph and every later length reuses it. Dynamo's exclusion guard (where
+torch has it) keeps the static graph for the full length once the dynamic one exists. A length of one tile
+or less takes SDPA with the dense mask (a one-tile block mask would be specialised into a third graph). So
+each code object holds at most two graphs per grad mode, far below dynamo's recompile limit, after which it
+would fall back to eager flex.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "sdpa", "flex", "flash")
+
+FLEX_BLOCK = 128  # FlexAttention's default tile (queries and keys): block masks count in these
+
+# Where flex and create_block_mask run compiled, and with which backend (tests: "cpu" and "eager" or
+# "aot_eager", which trace and guard exactly as inductor does without generating code; FlexAttention
+# has no CPU backward, and inductor's CPU flex template fails to build dynamic shapes in torch 2.13).
+COMPILED_ON = ("cuda",)
+COMPILE_BACKEND = "inductor"
 
 
 def build_mask(doc_ids: Optional[torch.Tensor], key_padding: Optional[torch.Tensor], causal: bool,
@@ -94,6 +116,8 @@ class AttentionBatch:
             if name == "flex":  # flex without a mask is plain attention: take SDPA's kernels
                 name = "sdpa"
             return cls(name, causal)
+        if name == "flex" and seq_len <= FLEX_BLOCK and _device_type(device) in COMPILED_ON:
+            name = "sdpa"  # one tile: the dense mask is tiny, and compiled flex would specialise a graph for it
         if name == "sdpa":
             return cls(name, causal, mask=build_mask(doc_ids, key_padding, causal, seq_len, seq_len, device))
         if name == "flex":
@@ -101,30 +125,178 @@ class AttentionBatch:
         return cls(name, causal, varlen=varlen_metadata(doc_ids, key_padding, seq_len, device))
 
 
+def _device_type(device) -> str:
+    return torch.device(device).type
+
+
+def _mask_mod(doc: torch.Tensor, keep: Optional[torch.Tensor], causal: bool):
+    """The mask_mod of one batch, specialised: training batches (no padding) load no padding tensor."""
+    if keep is None and not causal:
+        def same_document(b, h, q, kv):
+            return doc[b, q] == doc[b, kv]
+        return same_document
+    if keep is None:
+        def same_document_causal(b, h, q, kv):
+            return (doc[b, q] == doc[b, kv]) & (q >= kv)
+        return same_document_causal
+    if not causal:
+        def same_document_kept(b, h, q, kv):
+            return (doc[b, q] == doc[b, kv]) & keep[b, kv]
+        return same_document_kept
+
+    def same_document_kept_causal(b, h, q, kv):
+        return (doc[b, q] == doc[b, kv]) & keep[b, kv] & (q >= kv)
+    return same_document_kept_causal
+
+
+_BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                       "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
 def flex_block_mask(doc_ids, key_padding, causal: bool, seq_len: int, device):
+    """The batch's BlockMask; compiled on CUDA (eager, create_block_mask materializes (B, L, L) intermediates).
+    A length that is not a multiple of the tile gets its length dimensions marked dynamic (module docstring)."""
     from torch.nn.attention.flex_attention import create_block_mask
+    global _COMPILED_MASKS
     B = (doc_ids if doc_ids is not None else key_padding).shape[0]
     doc = doc_ids if doc_ids is not None else torch.zeros(B, seq_len, dtype=torch.long, device=device)
-    keep = (key_padding.bool() if key_padding is not None
-            else torch.ones(B, seq_len, dtype=torch.bool, device=device))
-
-    def mask_mod(b, h, q, kv):
-        ok = (doc[b, q] == doc[b, kv]) & keep[b, kv]
-        return ok & (q >= kv) if causal else ok
-    global _COMPILED_MASKS
-    if device.type == "cuda" and _COMPILED_MASKS:
-        # Compiled, the block mask is built tile by tile; eager, it materializes (B, L, L) int64 intermediates.
+    keep = key_padding.bool() if key_padding is not None else None
+    compiled = _device_type(device) in COMPILED_ON and not torch.compiler.is_compiling()
+    ragged = compiled and seq_len % FLEX_BLOCK != 0  # (eager callers need no marks)
+    if ragged:
+        for t in (doc, keep):
+            if t is not None:
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+    mask_mod = _mask_mod(doc, keep, causal)
+    block_mask = None
+    if compiled and _COMPILED_MASKS:
         try:
-            return create_block_mask(mask_mod, B, None, seq_len, seq_len, device=device, _compile=True)
-        except Exception as e:  # noqa: BLE001  (an older or unusual torch: build it eagerly from now on)
-            import warnings
-            warnings.warn(f"compiled create_block_mask failed ({type(e).__name__}: {e}); building block masks "
-                          f"eagerly")
+            with _keep_static_graphs():
+                block_mask = compiled_create_block_mask()(mask_mod, B, None, seq_len, seq_len, device=device)
+        except Exception as e:  # noqa: BLE001  (re-raised unless the compiler itself failed)
+            if not is_compile_error(e):
+                raise
+            warnings.warn(f"compiled create_block_mask failed ({type(e).__name__}: {str(e)[:300]}); building "
+                          f"block masks eagerly from now on (slower, (B, L, L) intermediates)")
             _COMPILED_MASKS = False
-    return create_block_mask(mask_mod, B, None, seq_len, seq_len, device=device)
+    if block_mask is None:
+        block_mask = create_block_mask(mask_mod, B, None, seq_len, seq_len, device=device)
+    if ragged:
+        for name in _BLOCK_MASK_TENSORS:
+            t = getattr(block_mask, name, None)
+            if isinstance(t, torch.Tensor):
+                for dim in range(2, t.dim()):  # (B, H, q blocks[, kv blocks]): the block counts
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+    return block_mask
 
 
 _COMPILED_MASKS = True
+_FLEX = None  # torch.compile(flex_attention), made once by compiled_flex()
+_BLOCK_MASK = None  # torch.compile(create_block_mask), made once by compiled_create_block_mask()
+
+
+def _compile_options(backend) -> dict:
+    """Inductor options for compiled flex: wrap the compiled region in the `inductor_compiled_code` HOP, so
+    op-level selective activation checkpointing sees it (and saves it: flex_sac_ops) when the blocks around
+    it run eagerly; without it the region is opaque and its forward is recomputed in backward."""
+    if backend != "inductor":
+        return {}
+    from torch._inductor import config as inductor_config
+    return {"wrap_inductor_compiled_regions": True} if hasattr(inductor_config, "wrap_inductor_compiled_regions") \
+        else {}
+
+
+def compiled_flex():
+    """The one compiled flex_attention of this process (dynamic lengths: see the module docstring)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        options = _compile_options(COMPILE_BACKEND)
+        _FLEX = torch.compile(flex_attention, backend=COMPILE_BACKEND, **({"options": options} if options else {}))
+    return _FLEX
+
+
+def compiled_create_block_mask():
+    """The one compiled create_block_mask of this process (replaces the deprecated `_compile=True`)."""
+    global _BLOCK_MASK
+    if _BLOCK_MASK is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+        _BLOCK_MASK = torch.compile(create_block_mask, backend=COMPILE_BACKEND)
+    return _BLOCK_MASK
+
+
+@contextlib.contextmanager
+def _keep_static_graphs():
+    """While dynamo compiles here, a graph made dynamic by a new length excludes the lengths its static
+    predecessor was compiled for, so the full training length keeps its static kernels (torch >= 2.13's
+    automatic_dynamic_exclusion_guard; a no-op where torch lacks it). Set and restored per call: cheap."""
+    config = torch._dynamo.config
+    if not hasattr(config, "automatic_dynamic_exclusion_guard"):
+        yield
+        return
+    previous = config.automatic_dynamic_exclusion_guard
+    config.automatic_dynamic_exclusion_guard = True
+    try:
+        yield
+    finally:
+        config.automatic_dynamic_exclusion_guard = previous
+
+
+_DEVICE_ERROR_TEXT = ("CUDA error", "CUDA driver error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert",
+                      "illegal memory access", "out of memory", "NCCL error")
+
+
+def is_compile_error(e: BaseException) -> bool:
+    """Whether `e` is the compiler failing (dynamo, AOT autograd, inductor, Triton's build), so that running the
+    same work eagerly is a sound fallback. A device error (a CUDA error, an out-of-memory, anything in the
+    exception's chain that says so) is never one, even when the compiler wrapped it: the context it leaves
+    behind is not fit to continue on."""
+    from torch._dynamo.exc import TorchDynamoException
+    if not isinstance(e, TorchDynamoException):
+        return False
+    seen, x = set(), e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))):
+            return False
+        if any(text in str(x) for text in _DEVICE_ERROR_TEXT):
+            return False
+        x = getattr(x, "inner_exception", None) or x.__cause__ or x.__context__
+    return True
+
+
+def flex_sac_ops() -> set:
+    """The ops an op-level selective-activation-checkpointing policy must save so FlexAttention's forward is not
+    recomputed in backward: the flex HOP (what a compiled block's trace shows) and, for eager blocks around
+    the separately compiled flex, the `inductor_compiled_code` HOP its compiled region runs in (compiled_flex
+    asks inductor to wrap it). Those present in this torch."""
+    ops = set()
+    try:
+        from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
+        ops.add(flex_hop)
+    except ImportError:
+        pass
+    try:
+        from torch._higher_order_ops.wrap import inductor_compiled_code
+        ops.add(inductor_compiled_code)
+    except ImportError:
+        pass
+    return ops
+
+
+def flex_visible_to_sac() -> bool:
+    """Whether op-level SAC around *eager* blocks can save the compiled flex: inductor wraps compiled regions
+    for dispatch modes (wrap_inductor_compiled_regions) and dynamo compiles under SAC's modes
+    (ignore_compile_internals). Where it cannot, eager blocks with op AC recompute flex's forward in backward
+    (older torch even runs flex eagerly under the mode): compile the blocks (parallel.compile=true) instead."""
+    try:
+        from torch._higher_order_ops.wrap import inductor_compiled_code  # noqa: F401
+        from torch._inductor import config as inductor_config
+        from torch.utils.checkpoint import _CachingTorchDispatchMode
+    except ImportError:
+        return False
+    return (hasattr(inductor_config, "wrap_inductor_compiled_regions")
+            and hasattr(_CachingTorchDispatchMode, "ignore_compile_internals"))
 
 
 def varlen_metadata(doc_ids, key_padding, seq_len: int, device) -> dict:
@@ -168,20 +340,17 @@ def attention(q, k, v, *, causal: bool, backend: str = "sdpa", doc_ids=None, key
     return F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, enable_gqa=gqa)
 
 
-_FLEX = None
-
-
 def _flex(q, k, v, *, block_mask, enable_gqa: bool):
-    """FlexAttention, compiled once on CUDA (eager flex is a slow reference); eager on CPU (forward only)."""
-    global _FLEX
+    """FlexAttention: the process's compiled flex on CUDA (eager flex is a slow reference that materializes the
+    scores); eager on CPU (forward only); inside a compiled block, traced into the block's own graph."""
     from torch.nn.attention.flex_attention import flex_attention
-    if q.is_cuda:
-        if _FLEX is None:
-            _FLEX = torch.compile(flex_attention, dynamic=False)
-        fn = _FLEX
-    else:
-        fn = flex_attention
-    return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if torch.compiler.is_compiling() or q.device.type not in COMPILED_ON:
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if q.shape[2] % FLEX_BLOCK:  # a random length: one dynamic-length graph serves them all
+        for t in (q, k, v):
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+    with _keep_static_graphs():
+        return compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def _flash(q, k, v, batch: AttentionBatch):

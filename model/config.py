@@ -5,6 +5,9 @@ from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 
+TIME_CONDITIONING = ("none", "adaln")
+
+
 @dataclass
 class ModelConfig:
     preset: Optional[str] = None  # named size this config started from (see PRESETS)
@@ -22,6 +25,12 @@ class ModelConfig:
     # auto: sdpa on CPU; on CUDA flash-attn (if installed) > FlexAttention > sdpa for masked batches
     attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
     init_std: float = 0.02
+    # Conditioning on the noise level t (model/transformer.py): none, or adaLN-zero (DiT / MDLM / DUO): a
+    # sinusoidal embedding of 1000 t, an MLP to a cond_dim vector, and per block a zero-initialised
+    # Linear(cond_dim, 6 dim) giving the shift / scale / gate of attention and feed-forward (an exact no-op at
+    # initialisation). none leaves the model exactly as without the option (same parameters, same weights).
+    time_conditioning: Literal["none", "adaln"] = "none"
+    cond_dim: int = 128  # width of the conditioning vector (time_conditioning=adaln)
 
     @property
     def kv_heads(self) -> int:
@@ -40,9 +49,12 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.kv_heads}")
         if self.vocab_size is not None and self.mask_id is not None and not 0 <= self.mask_id < self.vocab_size:
             raise ValueError(f"model.mask_id={self.mask_id} must lie in [0, model.vocab_size={self.vocab_size})")
-        for key in ("dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+        for key in ("dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len", "cond_dim"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.time_conditioning not in TIME_CONDITIONING:
+            raise ValueError(f"model.time_conditioning={self.time_conditioning!r}; choices: "
+                             f"{', '.join(TIME_CONDITIONING)}")
 
 
 def _smdm(layers: int, heads: int, dim: int) -> ModelConfig:

@@ -26,12 +26,14 @@ import torch
 
 class KVCache:
     def __init__(self, n_layers: int, batch: int, capacity: int, *, causal: bool,
-                 key_real: Optional[torch.Tensor] = None):
-        """key_real: (batch, capacity) bool, False at padding keys (which no query may see); None: all real."""
+                 key_real: Optional[torch.Tensor] = None, prefix_only: bool = False):
+        """key_real: (batch, capacity) bool, False at padding keys (which no query may see); None: all real.
+        prefix_only: a reuse forward attends to every column before its end and to none after it (block
+        diffusion's exact cache: the forward covers one block, which sees itself and the clean past)."""
         if key_real is not None and tuple(key_real.shape) != (batch, capacity):
             raise ValueError(f"key_real must have shape {(batch, capacity)}, got {tuple(key_real.shape)}")
         self.n_layers, self.batch, self.capacity, self.causal = n_layers, batch, capacity, causal
-        self.key_real = key_real
+        self.key_real, self.prefix_only = key_real, prefix_only
         self.k: list[Optional[torch.Tensor]] = [None] * n_layers
         self.v: list[Optional[torch.Tensor]] = [None] * n_layers
         self.start, self.filling, self.rows = 0, True, None
@@ -77,7 +79,7 @@ class KVCache:
                 self.k[i][rows, :, :n], self.v[i][rows, :, :n] = k, v
             return k, v, None
         end = a + n
-        kend = end if self.causal else self.capacity
+        kend = end if (self.causal or self.prefix_only) else self.capacity
         if rows is None:
             self.k[i][:, :, a:end], self.v[i][:, :, a:end] = k, v
             keys, values = self.k[i][:, :, :kend], self.v[i][:, :, :kend]

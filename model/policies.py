@@ -51,6 +51,18 @@ def factor_rule(conf: torch.Tensor, is_mask: torch.Tensor, steps_left: int, fact
     return topk_mask(conf, torch.maximum(n, floor)) & is_mask
 
 
+def confidences(lg: torch.Tensor, picked: torch.Tensor, is_mask: torch.Tensor, remasking: str, noise) -> torch.Tensor:
+    """(B, W) scores of the masked positions for `select` (-inf elsewhere): the probability of each position's
+    proposed token (remasking="low_confidence"; lg (N, V) logits of the N masked positions, row-major) or a
+    uniform draw (remasking="random", from model.sample.Noise)."""
+    conf = torch.full(is_mask.shape, float("-inf"), device=is_mask.device)
+    if remasking == "low_confidence":
+        conf[is_mask] = torch.softmax(lg, -1).gather(-1, picked[:, None]).squeeze(-1)
+    else:
+        conf[is_mask] = noise.masked(is_mask).float()
+    return conf
+
+
 def select(policy: str, conf: torch.Tensor, is_mask: torch.Tensor, steps_left: int, *, threshold: float,
            factor: float) -> torch.Tensor:
     if policy == "fixed":

@@ -45,7 +45,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .kvcache import KVCache
-from .policies import POLICIES, select, topk_mask  # noqa: F401  (topk_mask: re-exported)
+from .policies import POLICIES, confidences, select, topk_mask  # noqa: F401  (topk_mask: re-exported)
 
 PromptLike = Union[None, torch.Tensor, Sequence[Sequence[int]]]
 GeneratorLike = Union[None, torch.Generator, Sequence[torch.Generator]]
@@ -222,8 +222,10 @@ def _prepare(model, prompt: PromptLike, prompt_mask: Optional[torch.Tensor], bat
 def check_options(sampler, remasking, decode, threshold, factor, kv_cache, refresh_every, gen_length, steps):
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"unknown remasking {remasking!r}; choices: low_confidence, random")
-    if sampler not in ("llada", "mdlm"):
-        raise ValueError(f"unknown sampler {sampler!r}; choices: llada, mdlm")
+    if sampler not in ("llada", "mdlm", "remdm", "psi"):  # psi: uniform / hybrid objectives (their generate)
+        raise ValueError(f"unknown sampler {sampler!r}; choices: llada, mdlm, remdm, psi")
+    if sampler == "remdm" and (decode != "fixed" or kv_cache != "none"):
+        raise ValueError("sampler=remdm re-masks decoded tokens: it takes decode=fixed and kv_cache=none")
     if decode not in POLICIES:
         raise ValueError(f"unknown decode policy {decode!r}; choices: {', '.join(POLICIES)}")
     if decode != "fixed" and (sampler != "llada" or remasking != "low_confidence"):
@@ -250,7 +252,7 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
              callback: Optional[Callable[[int, torch.Tensor], None]] = None,
              stop_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, cache: bool = True,
              decode: str = "fixed", threshold: float = 0.9, factor: float = 1.0, kv_cache: str = "none",
-             refresh_every: int = 0, stats: Optional[dict] = None) -> torch.Tensor:
+             refresh_every: int = 0, stats: Optional[dict] = None, objective=None, remdm=None) -> torch.Tensor:
     """Generate `gen_length` tokens after each prompt.
 
     prompt: None (unconditional, `batch_size` rows), a (B, P) tensor (left-padded, with `prompt_mask` True at
@@ -265,7 +267,10 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
     decoding policy; steps is then an upper bound (steps = gen_length: at least one token per step).
     kv_cache ("none", "prefix", "dual") and refresh_every: see the module docstring. generator: one
     torch.Generator, or one per row for batch-invariant sampling.
-    `stats`, when given, receives "forward_rows" (sequences pushed through the model), "forwards" (calls)
+    objective (model/objectives): the checkpoint's; the mdlm sampler steps its reverse process (its
+    schedule's unmask probability; 1 at the last step, so nothing stays masked). None: the linear schedule.
+    sampler="remdm" (model/remdm.py) re-masks decoded tokens; `remdm` is its ReMDMConfig (strategy, eta, top_p,
+    loop times; default: rescale). `stats`, when given, receives "forward_rows" (sequences pushed through the model), "forwards" (calls)
     and "forward_tokens" (token positions pushed through the model, the cost with a cache)."""
     check_options(sampler, remasking, decode, threshold, factor, kv_cache, refresh_every, gen_length, steps)
     if pad_id is None:
@@ -279,6 +284,17 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
     for key in ("forwards", "forward_rows", "forward_tokens"):
         stats.setdefault(key, 0)
     noise = Noise(generator, ids.shape[0], ids.device)
+    if objective is not None and hasattr(objective, "generate"):
+        # The objective's own sampler (block diffusion: block by block with its exact cache, kv_cache != "none";
+        # its blocks are the objective's, block_length is not used; steps are spread evenly over its blocks).
+        if cfg_scale:
+            raise ValueError(f"classifier-free guidance is not supported by the {objective.name} sampler")
+        per_block = max(1, round(steps * getattr(objective, "block_size", gen_length) / gen_length))
+        return objective.generate(model, ids, real, mask_id=mask_id, gen_length=gen_length, steps=per_block,
+                                  noise=noise, temperature=temperature, remasking=remasking, sampler=sampler,
+                                  decode=decode, threshold=threshold, factor=factor, kv_cache=kv_cache != "none",
+                                  eos_id=eos_id, min_new_tokens=min_new_tokens, stop_at_eos=stop_at_eos,
+                                  stop_fn=stop_fn, pad_id=pad_id, callback=callback, stats=stats)
     if _is_causal(model):
         if cfg_scale:
             raise ValueError("classifier-free guidance is defined for diffusion models only")
@@ -294,6 +310,12 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
         raise ValueError(f"steps={steps} must be a multiple of the number of blocks {n_blocks} "
                          f"(gen_length / block_length)")
     steps_per_block = steps // n_blocks
+    if sampler == "remdm":
+        from .remdm import ReMDMConfig, remdm_generate
+        return remdm_generate(model, ids, real, cfg=remdm or ReMDMConfig(), mask_id=mask_id, gen_length=gen_length,
+                              steps=steps, block_length=block_length, noise=noise, objective=objective,
+                              temperature=temperature, cfg_scale=cfg_scale, eos_id=eos_id,
+                              min_new_tokens=min_new_tokens, callback=callback, stats=stats)
     B, P = ids.shape
     device = ids.device
     x = torch.cat([ids, torch.full((B, gen_length), mask_id, dtype=torch.long, device=device)], 1)
@@ -351,14 +373,15 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
             if sampler == "mdlm":
                 t = 1.0 - s / steps_per_block
                 t_next = 1.0 - (s + 1) / steps_per_block
-                p_unmask = (t - t_next) / t  # 1 at the last step: nothing stays masked
+                # The objective's reverse step (its schedule); the linear closed form without one.
+                p_unmask = objective.unmask_prob(t, t_next) if objective is not None else (t - t_next) / t
+                if torch.is_tensor(p_unmask):  # per token value (genmd4): P(v, unmask) = p(v) p_unmask(v)
+                    per_pos = torch.zeros(is_mask.shape, dtype=torch.float64, device=device)
+                    per_pos[is_mask] = p_unmask.to(device)[picked]
+                    p_unmask = per_pos
                 take = is_mask & (noise.rows(remaining > 0, is_mask.shape[1]) < p_unmask)
             else:
-                conf = torch.full(is_mask.shape, float("-inf"), device=device)
-                if remasking == "low_confidence":
-                    conf[is_mask] = torch.softmax(lg, -1).gather(-1, picked[:, None]).squeeze(-1)
-                else:
-                    conf[is_mask] = noise.masked(is_mask).float()
+                conf = confidences(lg, picked, is_mask, remasking, noise)
                 take = select(decode, conf, is_mask, steps_per_block - s, threshold=threshold, factor=factor)
             x[:, start:end] = torch.where(take, pred, block)
             if stop_at_eos:

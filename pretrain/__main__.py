@@ -16,14 +16,14 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, args.overrides)
         if args.rollback is not None:
             from pathlib import Path
-            from .resume import rollback_path
+            from .checkpoint.resume import rollback_path
             cfg.train.resume = str(rollback_path(Path(cfg.train.out_dir) / cfg.train.name, args.rollback))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     from data.shards import DataError
-    from .checkpoint import CheckpointError
-    from .guard import TooManyBadSteps
-    from .train import train
+    from .checkpoint.store import CheckpointError
+    from .loop.guard import TooManyBadSteps
+    from .loop.train import train
     try:
         train(cfg)
     except ConfigError as e:

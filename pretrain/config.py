@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from model.config import ModelConfig, get_preset
+from model.objectives import DiffusionConfig, build_objective
 
 
 class ConfigError(ValueError):
@@ -82,16 +83,6 @@ class DataConfig:
 
 
 @dataclass
-class DiffusionConfig:
-    objective: Literal["mdm", "ar"] = "mdm"  # ar: next-token CE baseline (needs model.causal=true)
-    schedule: Literal["linear", "cosine", "poly", "cos_alpha"] = "linear"  # cosine/poly: MD4's (eps-squeezed); cos_alpha: alpha = cos(pi t/2)
-    poly_exponent: float = 2.0  # schedule=poly: alpha = 1 - t^k (MD4's polyk)
-    eps: float = 1e-3  # p_mask = (1 - eps) t + eps keeps t off zero
-    t_sampling: Literal["stratified", "uniform"] = "stratified"  # stratified over the global batch
-    ce_chunk: int = 4096  # masked-position cross-entropy runs this many rows of logits at a time (0: all at once)
-
-
-@dataclass
 class OptimConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -122,7 +113,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto: latest checkpoint in the run directory; none; or a checkpoint path
     # Continued pretraining: start from this run directory or checkpoint's weights only (fresh optimizer, step
-    # 0; `python -m pretrain.convert` makes one from a LLaDA or SMDM checkpoint). A checkpoint of this run
+    # 0; `python -m pretrain.interop.convert` makes one from a LLaDA or SMDM checkpoint). A checkpoint of this run
     # itself, when there is one to resume, takes precedence. "": start from random weights.
     init_from: str = ""
     samples: int = 4  # sequences sampled at the end of training (0 to skip)
@@ -186,10 +177,6 @@ class Config:
             (bool(self.train.init_from) and self.train.resume not in ("auto", "none"),
              f"train.init_from={self.train.init_from} and train.resume={self.train.resume} both name a starting "
              f"point: use init_from for weights only (fresh optimizer, step 0), resume to continue a run exactly"),
-            (self.diffusion.objective == "ar" and not self.model.causal,
-             "diffusion.objective=ar needs model.causal=true (an autoregressive model must not see the future)"),
-            (self.diffusion.objective == "mdm" and self.model.causal,
-             "diffusion.objective=mdm needs model.causal=false (masked diffusion is bidirectional)"),
             (not 0 <= self.diffusion.eps < 1, f"diffusion.eps={self.diffusion.eps} must lie in [0, 1)"),
             (self.data.seq_len > self.model.max_seq_len,
              f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"),
@@ -256,6 +243,9 @@ class Config:
                 raise ConfigError(message)
         try:
             self.model.validate()
+            # The objective checks its own settings and what it needs of the model (causal, time input, ...).
+            build_objective(self.diffusion, mask_id=self.model.mask_id,
+                            vocab_size=self.model.vocab_size).check_model(self.model)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -415,20 +405,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def read_yaml_mapping(path, *, what: str = "config file", where: str = " (the recipes live in configs/)",
+                      holds: str = "sections (model, data, train, ...)", error: type = ConfigError) -> dict:
+    """The mapping a YAML file holds (an empty file: {}), or `error` saying what is wrong: the `what` at
+    `path` does not exist (`where` hints where they live), is not valid YAML or not text, or holds no
+    mapping (of `holds`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {path} does not exist{where}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not a text (UTF-8) YAML file: {e}") from None
+    if not isinstance(tree, dict):
+        raise error(f"{path} must hold a mapping of {holds}")
+    return tree
+
+
+def load_run_config(run_dir) -> Config:
+    """The Config a run directory's config.yaml records (as written at the start of the run: not validated
+    again, so a run written by an older unmask still loads for evaluation and export)."""
+    return from_dict(Config, read_yaml_mapping(Path(run_dir) / "config.yaml", what="run config", where=""))
+
+
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    tree: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist (the recipes live in configs/)")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path} is not a text (UTF-8) YAML file: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (model, data, train, ...)")
+    tree = read_yaml_mapping(path) if path else {}
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value, Config, text=item.split("=", 1)[1].strip())

@@ -12,6 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: runs on a real two-node Slurm cluster started on this machine "
+                            "(launch/local_slurm.sh); skipped where slurmctld is not installed")
+    config.addinivalue_line("markers", "bit_identity: bit-for-bit regression against "
+                            "tests/fixtures/bit_identity_before.json (a few minutes)")
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
@@ -22,7 +29,7 @@ def shared_data() -> Path:
 def pytest_sessionfinish(session, exitstatus):
     """Kill any process a test left behind (a hung pool worker, an orphaned torchrun rank): a leftover child
     keeps CI's output pipe open, so the job would wait out its hard limit after the tests have finished."""
-    from dist_launch import descendants, kill_pids
+    from launch.procs import descendants, kill_pids
     if "wandb" in sys.modules:  # its service process is expected: close it the way wandb's own atexit would
         try:
             sys.modules["wandb"].teardown()

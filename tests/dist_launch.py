@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -74,38 +73,3 @@ def metrics(run_dir: Path) -> dict:
             if k.startswith("val/"):
                 val[rec["step"]] = v
     return {"train": train, "val": val}
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of pid (torchrun starts its workers in their own sessions, so a process-group
-    kill does not reach them)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def kill_pids(pids: list[int]) -> list[int]:
-    """SIGKILL each pid (one that already exited is skipped); returns the pids."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:  # exited between listing and killing: nothing to do
-            continue
-    return pids
-
-
-def kill_tree(proc: subprocess.Popen) -> list[int]:
-    """SIGKILL torchrun and every worker it started, at once; returns the pids it killed."""
-    victims = kill_pids([proc.pid] + descendants(proc.pid))
-    proc.wait()
-    return victims

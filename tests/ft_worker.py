@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import pretrain.checkpoint as ckmod  # noqa: E402
+import pretrain.checkpoint.store as ckmod  # noqa: E402
 
 
 def commit_fails(out: Path) -> None:

@@ -51,7 +51,7 @@ def test_corrupt_index_is_named(dataset, tmp_path):
 
 def test_corrupt_shard_bytes_stop_training_before_the_model_sees_them(dataset, tmp_path):
     """Same size, altered bytes: every format check passes; the ids fall outside the vocabulary."""
-    from pretrain.train import train
+    from pretrain.loop.train import train
     ds = copy_of(dataset, tmp_path)
     shard = next(ds.glob("*.bin"))
     shard.write_bytes(b"\xff" * shard.stat().st_size)
@@ -100,7 +100,7 @@ def test_empty_corpus_is_an_error_and_writes_nothing(tmp_path, content):
     (["parallel.tp=0"], "parallel.tp=0 must be >= 1"),
 ])
 def test_impossible_parallel_degrees_stop_before_any_work(tmp_path, overrides, message):
-    from pretrain.train import train
+    from pretrain.loop.train import train
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"train.out_dir={tmp_path}", *overrides])
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("=", "=")):
         train(cfg)
@@ -108,7 +108,7 @@ def test_impossible_parallel_degrees_stop_before_any_work(tmp_path, overrides, m
 
 
 def test_token_id_check_is_a_cheap_host_side_max():
-    from pretrain.step import check_token_ids
+    from pretrain.loop.step import check_token_ids
     check_token_ids(torch.tensor([[0, 5, 9]]), 10, 0)
     with pytest.raises(DataError, match="position 64 holds token id 10"):
         check_token_ids(torch.tensor([[0, 10]]), 10, 64)

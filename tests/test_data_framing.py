@@ -94,24 +94,6 @@ def test_wrapped_framing_is_validated():
         load_config("configs/tiny.yaml", ["data.framing=wrapped"])
 
 
-def test_data_modules_import_one_way():
-    """errors at the bottom; the tokenizer imports neither the synthetic language nor the input readers; no
-    module imports one above it (function-level imports included)."""
-    import ast
-    from pathlib import Path
-    layer = {"errors": 0, "tokenizer": 1, "megatron": 1, "source": 1, "loader": 1, "inputs": 2, "shards": 2,
-             "synthetic": 2, "blend": 2, "repeat": 3, "prepare": 3, "prepared": 4, "__init__": 5}
-    root = Path(__file__).resolve().parents[1] / "data"
-    for f in root.glob("*.py"):
-        deps = {n.module or "__init__" for n in ast.walk(ast.parse(f.read_text()))
-                if isinstance(n, ast.ImportFrom) and n.level == 1}
-        for d in deps:
-            assert layer.get(d, 0) < layer.get(f.stem, 99), f"data/{f.stem}.py imports data/{d}.py"
-    tok_deps = {n.module for n in ast.walk(ast.parse((root / "tokenizer.py").read_text()))
-                if isinstance(n, ast.ImportFrom) and n.level == 1}
-    assert tok_deps == {"errors"}
-
-
 def test_owt_mdlm_recipe_is_mdlms_setup():
     from pretrain.config import load_config
     cfg = load_config("configs/owt-mdlm.yaml")

@@ -298,7 +298,7 @@ def test_vocab_too_large_for_model(tmp_path):
     from data import build_data
     from datakit import data_config
     from pretrain.config import ConfigError, load_config
-    from pretrain.train import resolve_model
+    from pretrain.loop.train import resolve_model
     out = prepare_words(tmp_path, distinct_docs(50, np.random.default_rng(5)), n_words=9000)
     bundle = build_data(data_config(out, 8, valid_fraction=0.1), seed=0)
     cfg = load_config(None, ["model.preset=bench-25m"])  # a fixed 8192-id vocabulary

@@ -37,7 +37,7 @@ def test_prepared_shakespeare_is_lossless(tmp_path):
 @pytest.mark.skipif(not WIKI.is_file(), reason="../shared/data/wikitext-2 is not present")
 def test_recipe_prepares_on_first_use_and_trains(tmp_path):
     from pretrain.config import load_config
-    from pretrain.train import train
+    from pretrain.loop.train import train
     cache = tmp_path / "cache" / "shk"
     cfg = load_config("configs/shakespeare.yaml", [
         f"data.sources=[{{path: {cache}}}]", "data.prepare.vocab_size=1024", "data.seq_len=64",

@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from dist_launch import ROOT, env, kill_tree, load, metrics, run_once, torchrun, torchrun_cmd
+from dist_launch import ROOT, env, load, metrics, run_once, torchrun, torchrun_cmd
+from launch.procs import kill_tree
 
 TOL = 1e-5
 
@@ -34,7 +35,7 @@ def resumed_dp4(tmp_path_factory, four):
 
 
 def test_checkpoint_at_dp2_tp2_is_complete(four):
-    from pretrain.checkpoint import latest_checkpoint, read_trainer_state
+    from pretrain.checkpoint.store import latest_checkpoint, read_trainer_state
     ckdir = four / "dp2tp2" / "checkpoints"
     latest = latest_checkpoint(ckdir)
     assert latest is not None and latest.name == "step_00000004"
@@ -71,9 +72,9 @@ def test_export_consolidates_any_layout(four, tmp_path):
 
     from data import build_data
     from eval.load import load as load_run
-    from pretrain.checkpoint import load_model_weights
-    from pretrain.export import export
-    from pretrain.train import evaluate
+    from pretrain.checkpoint.weights import load_model_weights
+    from pretrain.interop.export import export
+    from pretrain.loop.evaluate import evaluate
     out = export(four / "dp2tp2", tmp_path / "export")
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.yaml"}
     loaded = load_run(out)  # the evaluation loader reads the folder directly
@@ -95,7 +96,7 @@ def test_sigkill_during_async_save_leaves_resumable_checkpoint(tmp_path):
     """Kill the whole job (torchrun and both ranks, SIGKILL) the moment the asynchronous write of step 8
     starts: step 4 stays the latest complete checkpoint, the half-written step 8 is ignored, and a resumed run
     reproduces the losses of an uninterrupted one."""
-    from pretrain.checkpoint import latest_checkpoint, list_checkpoints
+    from pretrain.checkpoint.store import latest_checkpoint, list_checkpoints
     out = tmp_path / "async"
     ckdir = out / "async" / "checkpoints"
     log = open(tmp_path / "killed.log", "w")

@@ -31,7 +31,7 @@ def test_zero_stage_matches_native(ds, stage):
 
 
 def test_zero_checkpoint_resumes_within_engine(ds):
-    from pretrain.checkpoint import read_trainer_state
+    from pretrain.checkpoint.store import read_trainer_state
     resumed, straight = metrics(ds / "zero2_resumed"), metrics(ds / "zero2")
     for step in range(4, 7):  # after the restart at step 3
         assert abs(resumed["train"][step] - straight["train"][step]) < TOL, step
@@ -49,7 +49,7 @@ def test_mixing_engines_fails_clearly(ds):
 def test_zero3_checkpoint_exports_to_safetensors(ds, tmp_path):
     from safetensors.torch import load_file
 
-    from pretrain.export import export
+    from pretrain.interop.export import export
     zero = load_file(str(export(ds / "zero3", tmp_path / "z3") / "model.safetensors"))
     native = load_file(str(export(ds / "native", tmp_path / "native") / "model.safetensors"))
     assert zero.keys() == native.keys()

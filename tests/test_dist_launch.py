@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from dist_launch import ROOT, descendants, env
+from dist_launch import ROOT, env
+from launch.procs import descendants
 
 TINY = ["logging.progress_bar=false", "train.samples=0", "train.device=cpu", "train.eval_every=1000",
         "train.log_every=1", "data.random_length_prob=0"]
@@ -40,11 +41,11 @@ SRUN = """#!/bin/bash
 # Stand-in for srun on one node: drop srun's options, run the command in its own process group.
 while [[ "$1" == --* ]]; do shift; done
 echo $$ > "$SHIM_DIR/srun.pid"
-export SLURM_NODEID=0
+export SLURM_NODEID=0 SLURMD_NODENAME=localhost
 exec setsid "$@"
 """
 SCONTROL = """#!/bin/bash
-if [ "$1" = show ]; then echo 127.0.0.1; exit 0; fi
+if [ "$1" = show ]; then echo localhost; exit 0; fi
 echo "$@" >> "$SHIM_DIR/scontrol.log"
 """
 
@@ -89,7 +90,7 @@ def test_slurm_script_requeues_on_sigusr1_and_resumes(tmp_path):
     steps = logged_steps(run_dir)
     stopped = steps[-1]
     assert stopped < 80
-    from pretrain.checkpoint import latest_checkpoint, read_trainer_state
+    from pretrain.checkpoint.store import latest_checkpoint, read_trainer_state
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     assert ckpt is not None and read_trainer_state(ckpt)["step"] == stopped
     assert len(list((logs / job_id).rglob("stdout.log"))) == 2  # per-rank logs of the attempt

@@ -1,4 +1,4 @@
-"""The layout planner and layout validation (launch/plan.py, pretrain/parallel.py)."""
+"""The layout planner and layout validation (launch/plan.py, pretrain/engines/parallel.py)."""
 import json
 
 import pytest
@@ -60,7 +60,7 @@ def test_warns_when_a_layout_cannot_fit_80gb():
 def test_layout_validation_messages():
     from model.config import get_preset
     from pretrain.config import ParallelConfig
-    from pretrain.parallel import ParallelDims
+    from pretrain.engines.parallel import ParallelDims
     with pytest.raises(ValueError, match="does not match the world size"):
         ParallelDims.from_config(ParallelConfig(dp_shard=3, tp=2), 4)
     with pytest.raises(ValueError, match="not divisible by parallel.dp_replicate"):
@@ -78,7 +78,7 @@ def test_layout_validation_messages():
 
 def test_unsupported_combinations_are_refused_up_front():
     from pretrain.config import ParallelConfig
-    from pretrain.parallel import ParallelDims
+    from pretrain.engines.parallel import ParallelDims
     # compile with tensor parallelism is supported (tests/test_perf_dist.py); async TP needs both
     assert ParallelDims.from_config(ParallelConfig(tp=2, compile=True), 2).tp == 2
     with pytest.raises(ValueError, match="engine=deepspeed runs ZeRO data parallelism only"):

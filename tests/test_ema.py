@@ -8,7 +8,8 @@ import torch
 
 from dist_launch import ROOT, env
 from model import ModelConfig, Transformer
-from pretrain.ema import EMA, load_ema_weights
+from pretrain.checkpoint.ema import EMA
+from pretrain.checkpoint.weights import load_ema_weights
 
 
 def _tiny_model(seed=0):
@@ -55,17 +56,17 @@ class _SkipAll:
 
 
 def test_skipped_step_leaves_the_ema_alone():
-    from pretrain.checkpoint import Checkpointer
+    from pretrain.checkpoint.store import Checkpointer
     from pretrain.config import load_config
-    from pretrain.diffusion import get_schedule
-    from pretrain.engine import NativeEngine
-    from pretrain.parallel import ParallelDims
-    from pretrain.step import train_step
-    from pretrain.train import build_optimizer
+    from model.objectives import build_objective
+    from pretrain.engines.native import NativeEngine
+    from pretrain.engines.parallel import ParallelDims
+    from pretrain.loop.step import train_step
+    from pretrain.loop.train import build_optimizer
     from data import build_data
     cfg = load_config("configs/tiny.yaml", ["data.seq_len=16", "train.global_batch_size=2"])
     data = build_data(cfg.data, 0)
-    from pretrain.train import resolve_model
+    from pretrain.loop.train import resolve_model
     resolve_model(cfg, data)
     model = Transformer(cfg.model)
     engine = NativeEngine(model, build_optimizer(model, cfg.optim), grad_clip=1.0, accum=1,
@@ -74,7 +75,7 @@ def test_skipped_step_leaves_the_ema_alone():
     from data import Loader
     loader = Loader(data.train, 0, 0, 1)
     kw = dict(step=0, consumed=0, micro=2, accum=1, dims=ParallelDims.from_config(cfg.parallel, 1), device=torch.device("cpu"),
-              schedule=get_schedule("linear"))
+              objective=build_objective(cfg.diffusion, mask_id=cfg.model.mask_id))
     before = {k: v.clone() for k, v in engine.ema.shadow.items()}
     res = train_step(engine, cfg, loader, guard=_SkipAll(), ema=engine.ema, **kw)
     assert res.skipped and engine.ema.updates == 0
@@ -93,7 +94,7 @@ def _args(out, name, *extra):
 def _train(out, name, nproc, *extra):
     if nproc == 1:  # in this process: no interpreter start-up
         from pretrain.config import load_config
-        from pretrain.train import train
+        from pretrain.loop.train import train
         train(load_config("configs/tiny.yaml", _args(out, name, *extra)))
         return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
@@ -120,7 +121,7 @@ def runs(tmp_path_factory):
 
 
 def test_ema_survives_resume_at_another_dp_degree(runs):
-    from pretrain.checkpoint import latest_checkpoint, read_trainer_state
+    from pretrain.checkpoint.store import latest_checkpoint, read_trainer_state
     for step in (3, 6):
         ref, ref_raw = _ema_of(runs / "ref" / "checkpoints" / f"step_{step:08d}")
         got, _ = _ema_of(runs / "split" / "checkpoints" / f"step_{step:08d}")

@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from pretrain.checkpoint import (Checkpointer, CheckpointError, latest_checkpoint, list_checkpoints,
+from pretrain.checkpoint.store import (Checkpointer, CheckpointError, latest_checkpoint, list_checkpoints,
                                  read_trainer_state, step_of)
 from pretrain.config import ConfigError, load_config, to_dict
 from tests.conftest import ROOT
@@ -24,7 +24,7 @@ def cfg_of(out, *extra):
 
 
 def run(out, *extra):
-    from pretrain.train import train
+    from pretrain.loop.train import train
     return train(cfg_of(out, *extra))
 
 
@@ -67,7 +67,7 @@ class _NanGrad(torch.autograd.Function):
 def poison(monkeypatch, bad: dict):
     """Make training step k (1-based, one micro-batch per step) produce bad[k]: "loss" (NaN loss), "grad"
     (finite loss, NaN gradient) or a float (the loss times that factor)."""
-    import pretrain.step as step_mod
+    import pretrain.loop.step as step_mod
     real = step_mod.objective_loss
     calls = {"n": 0}
 
@@ -105,7 +105,7 @@ def test_non_finite_steps_are_skipped_without_touching_weights_or_optimizer(tmp_
 
 
 def test_consecutive_bad_steps_stop_the_run_and_suggest_a_rollback(tmp_path, monkeypatch):
-    from pretrain.guard import TooManyBadSteps
+    from pretrain.loop.guard import TooManyBadSteps
     poison(monkeypatch, {k: "loss" for k in range(3, 20)})
     with pytest.raises(TooManyBadSteps, match=r"steps 3\.\.5 were all skipped.*--rollback 2"):
         run(tmp_path, "train.name=r", "train.steps=10", "train.save_every=2", "train.max_bad_steps=3")
@@ -194,7 +194,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_leaves_nothing_half_writte
 
 
 def test_failed_commit_on_rank0_is_a_clear_error(tmp_path, monkeypatch):
-    import pretrain.checkpoint as ckmod
+    import pretrain.checkpoint.store as ckmod
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     ck = Checkpointer(tmp_path)
@@ -232,7 +232,7 @@ def test_rollback_moves_newer_checkpoints_aside_and_requeues_continue_it(tmp_pat
     with pytest.raises(SystemExit, match="not a complete checkpoint"):
         main(args + ["--rollback", "3"])
     # The same without training, for a job that is then requeued as it is.
-    from pretrain.resume import main as resume_main
+    from pretrain.checkpoint.resume import main as resume_main
     resume_main([str(tmp_path / "r"), "--rollback", "10"])
     assert [step_of(p) for p in list_checkpoints(ckdir)] == [10] and len(list(ckdir.glob("abandoned-*"))) == 2
     assert [r["step"] for r in records(tmp_path / "r") if r.get("event") == "rollback"] == [8, 10]
@@ -269,7 +269,7 @@ def test_allowed_and_overridden_changes_are_logged(tmp_path, capsys):
 
 
 def test_vocab_and_tokenizer_mismatch_with_the_checkpoint_are_refused(tmp_path):
-    from pretrain.resume import check_state
+    from pretrain.checkpoint.resume import check_state
     run(tmp_path, "train.name=r", "train.steps=2", "train.save_every=2")
     with pytest.raises(ConfigError, match="model.vocab_size: 65 in the checkpoint, 80 now"):
         run(tmp_path, "train.name=r", "train.steps=4", "model.vocab_size=80")
@@ -280,8 +280,7 @@ def test_vocab_and_tokenizer_mismatch_with_the_checkpoint_are_refused(tmp_path):
 
 
 def test_changed_steps_continue_from_the_current_learning_rate():
-    from pretrain.lr import lr_at
-    from pretrain.resume import continue_schedule, lr_for
+    from pretrain.loop.lr import continue_schedule, lr_at, lr_for
     old = cfg_of("x", "train.steps=100", "optim.warmup_steps=10")
     new = cfg_of("x", "train.steps=200", "optim.warmup_steps=10")
     anchor = continue_schedule(to_dict(old), new, 60, None)
@@ -305,7 +304,7 @@ def test_resumed_run_with_more_steps_has_no_lr_jump(tmp_path):
     run(tmp_path, "train.name=r", "train.steps=10", "train.save_every=6", "train.stop_after=6",
         "optim.warmup_steps=2")
     run(tmp_path, "train.name=r", "train.steps=20", "train.save_every=100", "optim.warmup_steps=2")
-    from pretrain.lr import lr_at
+    from pretrain.loop.lr import lr_at
     lrs = {r["step"]: r["lr"] for r in records(tmp_path / "r") if "lr" in r}  # step s logs the LR of index s-1
     kw = dict(lr=3e-3, min_lr=3e-4, warmup=2, schedule="cosine")
     assert lrs[7] == pytest.approx(lr_at(6, total=10, **kw), rel=1e-9)  # where the old schedule was going

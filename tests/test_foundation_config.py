@@ -2,7 +2,7 @@
 import pytest
 
 from pretrain.config import ConfigError, load_config
-from pretrain.lr import lr_at
+from pretrain.loop.lr import lr_at
 
 
 @pytest.mark.parametrize("override, message", [

@@ -2,7 +2,7 @@
 import json
 
 from pretrain.config import load_config
-from pretrain.train import train
+from pretrain.loop.train import train
 
 
 def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):

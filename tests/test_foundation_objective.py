@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from pretrain.diffusion import (SCHEDULES, CosAlphaSchedule, CosineSchedule, LinearSchedule, PolySchedule,
-                                draw_step_noise, get_schedule, mdm_loss, noise_level, sample_u)
+from model.objectives import (SCHEDULES, CosAlphaSchedule, CosineSchedule, LinearSchedule, PolySchedule,
+                              draw_step_noise, get_schedule, noise_level, sample_u)
+from model.objectives.mdm import mdm_loss
 
 V, MASK, L = 3, 3, 4
 X0 = torch.tensor([0, 2, 1, 2])

@@ -5,7 +5,7 @@ import pytest
 
 from pretrain.config import load_config
 from pretrain.plot import curves, main, plot_runs, read_metrics
-from pretrain.train import train
+from pretrain.loop.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

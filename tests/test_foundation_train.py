@@ -11,8 +11,10 @@ import torch
 from data.synthetic import MarkovLanguage
 from model import ModelConfig, Transformer
 from pretrain.config import OptimConfig, load_config
-from pretrain.diffusion import LinearSchedule, mdm_loss, sample_u
-from pretrain.train import build_optimizer, train
+from model.objectives import sample_u
+from model.objectives.mdm import mdm_loss
+from model.objectives.schedules import LinearSchedule
+from pretrain.loop.train import build_optimizer, train
 from tests.conftest import ROOT
 
 
@@ -76,7 +78,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     ck = tmp_path / "r" / "checkpoints"
     (ck / "step_00000006.tmp").mkdir()  # what a crash mid-save leaves behind
     (ck / "step_00000008").mkdir()  # renamed but without trainer state: not complete either
-    from pretrain.checkpoint import latest_checkpoint
+    from pretrain.checkpoint.store import latest_checkpoint
     assert latest_checkpoint(ck).name == "step_00000004"
 
 

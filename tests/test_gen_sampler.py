@@ -178,7 +178,7 @@ def test_stop_fn_finishes_rows_after_a_block(model):
 
 
 def test_train_call_signature(model):
-    # pretrain/train.py samples this way at the end of training
+    # pretrain/loop/train.py samples this way at the end of training
     out = generate(model, None, mask_id=MASK, gen_length=16, steps=8, batch_size=2, generator=seeded(0),
                    temperature=1.0)
     assert out.shape == (2, 16) and not (out == MASK).any()

@@ -1,4 +1,4 @@
-"""Interop with LLaDA's Hugging Face layout and SMDM's lit-gpt checkpoints (pretrain/adapters.py, convert.py,
+"""Interop with LLaDA's Hugging Face layout and SMDM's lit-gpt checkpoints (model/adapters.py, convert.py,
 export.py): round trips, hand-written folders against an independent reference forward, refusals."""
 import json
 import math
@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model import Transformer
+from model.adapters import Unsupported, halves_to_pairs, pairs_to_halves
 from model.config import ModelConfig
-from pretrain.adapters import Unsupported, halves_to_pairs, pairs_to_halves
-from pretrain.config import Config
-from pretrain.convert import (ConvertError, import_llada, import_smdm, load_llada_model, run_config, write_run)
-from pretrain.export import export_llada
+from pretrain.config import ConfigError, load_run_config
+from pretrain.interop.convert import (ConvertError, import_llada, import_smdm, load_llada_model, run_config, write_run)
+from pretrain.interop.export import export_llada
 
 # The keys of LLaDA's public config.json (GSAI-ML/LLaDA-8B-Base) that its loader reads; an export must spell out
 # every one, since LLaDAConfig fills missing keys with GPT-2-like defaults (rope off, LayerNorm, tied weights).
@@ -306,10 +306,8 @@ def test_smdm_checkpoint_imports_and_matches_reference_logits(tmp_path):
     from data.tokenizer import TextTokenizer
     tt = TextTokenizer.load(run)
     assert tt.mask_id == vocab and tt.vocab_size == vocab + 1 and tt.eos_id == tok.token_to_id("<|endoftext|>")
-    from pretrain.checkpoint import load_model_weights
-    from pretrain.config import from_dict
-    import yaml
-    cfg = from_dict(Config, yaml.safe_load((run / "config.yaml").read_text()))
+    from pretrain.checkpoint.weights import load_model_weights
+    cfg = load_run_config(run)
     assert (cfg.model.vocab_size, cfg.model.mask_id, cfg.model.kv_heads) == (vocab + 1, vocab, groups)
     model = Transformer(cfg.model)
     load_model_weights(run / "checkpoints" / "step_00000000", model)
@@ -345,7 +343,8 @@ def _train(tmp_path, *extra, nproc=1):
 
 
 def test_trained_run_round_trips_and_continued_pretraining_starts_from_its_weights(tmp_path):
-    from pretrain.checkpoint import latest_checkpoint, load_model_weights, read_trainer_state
+    from pretrain.checkpoint.store import latest_checkpoint, read_trainer_state
+    from pretrain.checkpoint.weights import load_model_weights
     # vocab 66 (the synthetic language has 65 ids): divisible by the tensor-parallel degree used below.
     _train(tmp_path, "train.name=a", "train.steps=2", "train.eval_every=2", "train.save_every=2",
            "train.ema_decay=0.5", "model.vocab_size=66")
@@ -377,8 +376,8 @@ def test_trained_run_round_trips_and_continued_pretraining_starts_from_its_weigh
                  "optim.warmup_steps=0", "train.eval_every=1", "train.save_every=1", "model.vocab_size=66",
                  "parallel.tp=2", nproc=2)
     assert "initialised the weights from" not in log and "resumed at step 1" in log
-    with pytest.raises(ConvertError, match="another model shape"):
-        from pretrain.convert import load_init_weights
+    with pytest.raises(ConfigError, match="another model shape"):
+        from pretrain.checkpoint.weights import load_init_weights
         load_init_weights(b, Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=64, vocab_size=
                                                      la.cfg.model.vocab_size, mask_id=la.cfg.model.mask_id)),
                           ModelConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=64, vocab_size=la.cfg.model.vocab_size,
@@ -387,7 +386,7 @@ def test_trained_run_round_trips_and_continued_pretraining_starts_from_its_weigh
 
 def test_llada_8b_base_config_is_the_llada_8b_preset():
     from model.config import get_preset
-    from pretrain.adapters import llada_model_config
+    from model.adapters import llada_model_config
     # The published config.json of GSAI-ML/LLaDA-8B-Base (the keys that shape the model).
     base = {"architectures": ["LLaDAModelLM"], "activation_type": "silu", "alibi": False, "block_type": "llama",
             "d_model": 4096, "embedding_size": 126464, "eos_token_id": 126081, "include_bias": False,
@@ -412,7 +411,7 @@ def test_lm_eval_model_accepts_a_llada_folder(tmp_path):
 def test_llada_export_of_a_dp2_tp2_checkpoint_matches_the_flat_export(tmp_path_factory, tmp_path):
     # The 4-process DP=2 x TP=2 run of tests/test_dist_checkpoint.py (run once per session, shared).
     from dist_launch import run_once
-    from pretrain.export import export
+    from pretrain.interop.export import export
     four = run_once(tmp_path_factory, "four", 4, "four")
     flat = load_file(str(export(four / "dp2tp2", tmp_path / "flat") / "model.safetensors"))
     back = import_llada(str(export_llada(four / "dp2tp2", tmp_path / "llada")), tmp_path / "back")

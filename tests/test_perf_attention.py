@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import model.attention as attn
 from model import ModelConfig, Transformer
 from model.attention import AttentionBatch, attention, build_mask, varlen_metadata
-from pretrain.parallel import apply_ac
+from pretrain.engines.parallel import apply_ac
 
 B, H, L, D = 3, 4, 16, 8
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, load_config
-from pretrain.step import precision_context
+from pretrain.loop.step import precision_context
 from tests.conftest import ROOT
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -32,7 +32,7 @@ def test_new_switches_validate_with_clear_messages():
 
 def test_float8_refuses_a_machine_without_float8_tensor_cores():
     from model import ModelConfig, Transformer
-    from pretrain.parallel import apply_float8
+    from pretrain.engines.parallel import apply_float8
     if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
         pytest.skip("a float8-capable GPU is present: the GPU check measures this path")
     with pytest.raises(RuntimeError, match="parallel.float8=true needs"):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from eval.elbo import draw_mask, evaluate_blocks, masked_ce_sums, sequence_samples
+from eval.elbo import evaluate_blocks, sequence_samples
+from model.objectives.mdm import draw_mask, masked_ce_sums
 from model import ModelConfig, Transformer
 
 V, MASK = 3, 3  # three real tokens, the mask is id 3

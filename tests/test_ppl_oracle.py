@@ -82,7 +82,7 @@ def test_true_conditionals_make_the_bound_tight(lang):
 def trained(tmp_path_factory):
     from eval.load import load
     from pretrain.config import load_config
-    from pretrain.train import train
+    from pretrain.loop.train import train
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config("configs/tiny.yaml", [f"train.out_dir={out}", "train.name=oracle", "train.steps=40",
                                             "train.samples=0", "train.eval_every=1000", "logging.progress_bar=false",

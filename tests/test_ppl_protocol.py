@@ -311,7 +311,7 @@ def test_cli_ar_checkpoint_is_exact(tmp_path):
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     from pretrain.config import load_config
-    from pretrain.train import train
+    from pretrain.loop.train import train
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config("configs/tiny.yaml", [f"train.out_dir={out}", "train.name=proto", "train.steps=10",
                                             "train.samples=0", "train.eval_every=1000", "logging.progress_bar=false",

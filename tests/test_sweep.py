@@ -27,7 +27,7 @@ def _write(path: Path, spec: dict) -> Path:
 
 def test_step_flops_and_steps_match_hand_counts_causal_and_bidirectional():
     from pretrain.config import load_config
-    from pretrain.flops import step_flops, steps_for_budget
+    from pretrain.loop.flops import step_flops, steps_for_budget
     over = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "model.ffn_dim=32", "model.vocab_size=33",
             "model.mask_id=32", "model.max_seq_len=32", "data.seq_len=32", "data.synthetic.num_symbols=32",
             "train.global_batch_size=4"]

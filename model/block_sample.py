@@ -1,0 +1,168 @@
+"""Block-diffusion generation (BD3-LM): block by block, diffusion steps within the current block, and an exact
+KV cache of the finished blocks.
+
+The canvas is cut into blocks at multiples of the block size (column 0 is the first column of the padded
+prompt). The first block to generate may hold the prompt's tail, which stays fixed. For each block:
+  - its masked positions are decoded in `steps` steps by the LLaDA rule with any decoding policy (fixed,
+    threshold, factor; remasking low_confidence or random) or by MDLM's ancestral rule;
+  - the network sees [clean finished blocks, current block] under the block-causal mask, which is exactly a
+    training block's view (model/objectives/block.py).
+Because a clean block's keys and values depend only on itself and the clean blocks before it, they never
+change once the block is finished: with `kv_cache` they are computed once (one forward of the finished block,
+after its last step) and every step of the next block runs only that block's tokens over the cached keys.
+Without a cache every step runs the whole visible context. Both compute the same logits (up to float
+rounding), so the same generator gives the same tokens.
+
+Longer output than the model's context (model.max_seq_len): the visible context slides by whole blocks, its
+first column re-mapped to rotary position 0 (the cache is refilled once per slide). Variable length: with
+`stop_at_eos`, a row stops at its first EOS (the rest of the row is filled with EOS) and takes no further
+compute; `stop_fn` stops rows too (filled with pad_id). Every sample is returned: nothing is rejected.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .attention import AttentionBatch
+from .kvcache import KVCache
+from .objectives.block import prefix_mask
+from .policies import confidences, select
+
+
+def _context_mask(block_size: int, real: Optional[torch.Tensor]) -> AttentionBatch:
+    n = real.shape[1]
+    return AttentionBatch("sdpa", False, mask=prefix_mask(n, block_size, key_padding=real, device=real.device))
+
+
+@torch.no_grad()
+def block_generate(model, ids, real, *, objective, mask_id: int, gen_length: int, steps: int, noise,
+                   temperature: float = 0.0, remasking: str = "low_confidence", sampler: str = "llada",
+                   decode: str = "fixed", threshold: float = 0.9, factor: float = 1.0, kv_cache: bool = True,
+                   eos_id: Optional[int] = None, min_new_tokens: int = 0, stop_at_eos: bool = False,
+                   stop_fn=None, pad_id: int = 0, callback=None, stats: Optional[dict] = None,
+                   window: Optional[int] = None) -> torch.Tensor:
+    """ids (B, P) left-padded prompts (real: (B, P) bool or None). Returns (B, P + gen_length). `steps`: decoding
+    steps per full block (at most the block size is useful). window: the visible context (default
+    model.cfg.max_seq_len), a multiple of the block size."""
+    from .sample import _ban_eos, gumbel_argmax
+    bs = objective.block_size
+    stats = stats if stats is not None else {}
+    for key in ("forwards", "forward_rows", "forward_tokens"):
+        stats.setdefault(key, 0)
+    window = window or model.cfg.max_seq_len
+    window -= window % bs
+    if window < bs:
+        raise ValueError(f"the context window ({window}) must hold at least one block of {bs} tokens")
+    B, P = ids.shape
+    device = ids.device
+    total = P + gen_length
+    x = torch.cat([ids, torch.full((B, gen_length), mask_id, dtype=torch.long, device=device)], 1)
+    real = torch.ones(B, total, dtype=torch.bool, device=device) if real is None else \
+        torch.cat([real, torch.ones(B, gen_length, dtype=torch.bool, device=device)], 1)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    n_layers = model.cfg.n_layers
+    cache, cache_off, cached_to = None, None, 0
+
+    def count(rows_n, tokens):
+        stats["forwards"] += 1
+        stats["forward_rows"] += rows_n
+        stats["forward_tokens"] += rows_n * tokens
+
+    def run_cached(rows, a, e, off, want_logits):
+        """Forward columns [a, e) over the cache (clean keys of [off, a)); returns logits of [a, e)."""
+        nonlocal cache, cache_off, cached_to
+        if cache is None or cache_off != off:  # first use, or the window slid: refill the clean context
+            cache = KVCache(n_layers, B, window, causal=False, key_real=_pad_to(real[:, off:off + window], window),
+                            prefix_only=True)
+            cache_off, cached_to = off, off
+        if cached_to < a:  # clean blocks not yet cached (the prompt, or after a slide)
+            cache.fill(rows)
+            model(x[rows, off:a], attn=_context_mask(bs, real[rows, off:a]), logits_at=_none(len(rows), a - off,
+                                                                                           device), kv_cache=cache)
+            count(len(rows), a - off)
+            cached_to = a
+        if a == off:  # nothing before the block: a fill forward of the block alone
+            cache.fill(rows)
+            kw = {"attn": _context_mask(bs, real[rows, a:e])}
+        else:
+            cache.reuse(a - off, rows)
+            kw = {}
+        at = None if want_logits else _none(len(rows), e - a, device)
+        out = model(x[rows, a:e], kv_cache=cache, logits_at=at, **kw)
+        count(len(rows), e - a)
+        return out
+
+    def run_full(rows, a, e, off):
+        out = model(x[rows, off:e], attn=_context_mask(bs, real[rows, off:e]))
+        count(len(rows), e - off)
+        return out[:, a - off:]
+
+    first = (P // bs) * bs
+    for a in range(first, total, bs):
+        e = min(total, a + bs)
+        off = max(0, -(-(e - window) // bs) * bs)  # slide by whole blocks so that [off, e) fits the window
+        lo = max(a, P)  # generated columns of this block (the prompt's tail stays)
+        n_steps = max(1, round(steps * (e - lo) / bs))
+        for s in range(n_steps):
+            block = x[:, a:e]
+            is_mask = (block == mask_id) & active[:, None]
+            is_mask[:, :lo - a] = False
+            remaining = is_mask.sum(1)
+            if not bool(remaining.any()):
+                break
+            rows = (remaining > 0).nonzero().squeeze(1)
+            sub = run_cached(rows, a, e, off, True) if kv_cache else run_full(rows, a, e, off)
+            logits = sub.new_zeros(B, e - a, sub.shape[-1])
+            logits[rows] = sub
+            _ban_eos(logits, eos_id, a - P, min_new_tokens)
+            lg = logits[is_mask].float()
+            if mask_id < lg.shape[-1]:
+                lg[:, mask_id] = float("-inf")  # never propose the mask itself (MDLM's SUBS)
+            u = noise.masked(is_mask, lg.shape[-1]) if temperature > 0 else None
+            picked = gumbel_argmax(lg, temperature, u=u)
+            pred = block.clone()
+            pred[is_mask] = picked
+            if sampler == "mdlm":
+                t, t_next = 1.0 - s / n_steps, 1.0 - (s + 1) / n_steps
+                take = is_mask & (noise.rows(remaining > 0, e - a) < objective.unmask_prob(t, t_next))
+            else:
+                take = select(decode, confidences(lg, picked, is_mask, remasking, noise), is_mask, n_steps - s,
+                              threshold=threshold, factor=factor)
+            x[:, a:e] = torch.where(take, pred, block)
+            if callback is not None:
+                callback(s, x)
+        if stop_at_eos:  # variable length: everything after a row's first EOS becomes EOS, and the row stops
+            gen = x[:, P:]
+            is_eos = gen == eos_id
+            first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(active, gen.shape[1],
+                                                                                         dtype=torch.long))
+            after = torch.arange(gen.shape[1], device=device)[None, :] > first_eos[:, None]
+            x[:, P:] = torch.where(after, torch.full_like(gen, eos_id), gen)
+            active &= ~is_eos[:, :e - P].any(1)
+        if stop_fn is not None and e < total:
+            done = stop_fn(x[:, P:e]).to(device) & active
+            x[done, e:] = pad_id
+            active &= ~done
+        if e < total and bool(active.any()) and kv_cache:
+            nxt_e = min(total, e + bs)
+            nxt_off = max(0, -(-(nxt_e - window) // bs) * bs)
+            if nxt_off == off:  # the finished block's clean keys go into the cache (skipped when sliding)
+                rows = active.nonzero().squeeze(1)
+                run_cached(rows, a, e, off, False)
+                cached_to = e
+        if not bool(active.any()):
+            break
+    x[:, P:] = torch.where(x[:, P:] == mask_id, torch.full_like(x[:, P:], pad_id if not stop_at_eos else eos_id),
+                           x[:, P:])
+    return x
+
+
+def _none(rows: int, n: int, device) -> torch.Tensor:
+    return torch.zeros(rows, n, dtype=torch.bool, device=device)
+
+
+def _pad_to(real: torch.Tensor, n: int) -> torch.Tensor:
+    if real.shape[1] >= n:
+        return real
+    return torch.cat([real, torch.ones(real.shape[0], n - real.shape[1], dtype=torch.bool, device=real.device)], 1)

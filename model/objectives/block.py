@@ -1,0 +1,356 @@
+"""Block diffusion (BD3-LM, Arriola et al., ICLR 2025): autoregressive over blocks, masked diffusion within each.
+
+The sequence is cut into blocks of `diffusion.block_size` tokens. The likelihood factorises over blocks,
+p(x) = prod_b p(x^b | x^{<b}), and each factor gets the masked-diffusion bound of its block given the clean
+preceding blocks:
+
+    NELBO(x) = sum_b E_{t_b} E_{x_t^b ~ q(. | x^b, t_b)} [ w(t_b) sum_{l in b, masked} -log p(x_l | x_t^b, x^{<b}) ]
+
+with one noise level per block, t_b = t_min + (t_max - t_min) u_b, mask probability 1 - alpha(t_b) and weight
+w = -alpha'/(1 - alpha) (1/t for the linear schedule, which is BD3-LM's). Block size L is masked diffusion
+(one block, no prefix); block size 1 is the autoregressive chain rule: a one-token block is integrated over
+t exactly (always masked, weight 1), so the loss and the bound are the AR negative log-likelihood of the
+network read as a next-token model, with no Monte Carlo noise.
+
+Training is vectorised the BD3-LM way: one forward over the 2L input [x_t, x_0], both halves at rotary
+positions 0..L-1, under the mask (q and kv index the 2L input, blk = block of the position within its half)
+
+    x_t -> x_t : same block                  (block diagonal)
+    x_t -> x_0 : strictly earlier block       (offset block causal)
+    x_0 -> x_0 : same or earlier block        (block causal)
+    x_0 -> x_t : never
+
+ANDed with the document mask of packed data (and key padding at evaluation). Every noisy token then sees
+exactly what its block's own forward [x_0^{<b}, x_t^b] would show it, so one pass gives every block's loss,
+with logits only for the noisy half. The mask is built once per batch (an AttentionBatch shared by every
+layer and every activation-checkpoint recompute): a FlexAttention BlockMask with an explicit BLOCK_SIZE on
+CUDA, the equivalent dense boolean mask through SDPA elsewhere.
+
+Noise: the step's draw is a pure function of (seed, step) over the global batch; the per-block u are
+stratified over batch x blocks (one draw of G * n_blocks), so a one-block draw is exactly masked diffusion's.
+BD3-LM's clipped interval [t_min, t_max] is an option (`block_t_min`, `block_t_max`), with `clip_search`
+for the variance-minimising interval; the weight stays w(t) (BD3-LM drops 1/t whenever t_min > 0.5; we never
+do), and the bound that evaluation reports always uses (eps, 1). `block_keep_first` is the bd3lms protocol:
+position 0 (BOS) is never masked and never scored.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import AttentionBatch, flex_available
+from .base import EvalDraw, Noised, Objective, StepNoise, pad, register, sample_u, step_generator
+from .mdm import MaskedDiffusion, autocast_for, eval_generator, subset_nelbo
+from .schedules import get_schedule
+
+FLEX_BLOCK = 128  # FlexAttention's tile: passed explicitly (bd3lms issue 23: a mask built without it was wrong)
+_TAG_BLOCK_T, _TAG_BLOCK_COUNT, _TAG_BLOCK_POS = 11, 12, 13  # evaluation noise streams (mdm uses 1..4)
+
+
+# --------------------------------------------------------------------------------------------- the masks
+def pair_allowed(q: torch.Tensor, kv: torch.Tensor, L: int, block_size: int) -> torch.Tensor:
+    """The 2L training mask as a function of query and key indices (broadcasting integer tensors): True where
+    q may attend kv. Used for the dense mask and, elementwise, as FlexAttention's mask_mod."""
+    q_noisy, kv_noisy = q < L, kv < L
+    qb = torch.where(q_noisy, q, q - L) // block_size
+    kb = torch.where(kv_noisy, kv, kv - L) // block_size
+    diagonal = q_noisy & kv_noisy & (qb == kb)
+    offset = q_noisy & ~kv_noisy & (kb < qb)
+    causal = ~q_noisy & ~kv_noisy & (kb <= qb)
+    return diagonal | offset | causal
+
+
+def training_mask(L: int, block_size: int, doc_ids: Optional[torch.Tensor] = None,
+                  key_padding: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+    """Dense bool (B or 1, 1, 2L, 2L) mask of the 2L input, document and padding masks included."""
+    device = device if device is not None else (doc_ids.device if doc_ids is not None else None)
+    idx = torch.arange(2 * L, device=device)
+    mask = pair_allowed(idx[:, None], idx[None, :], L, block_size)[None, None]
+    if doc_ids is not None:
+        d = torch.cat([doc_ids, doc_ids], 1)
+        mask = mask & (d[:, :, None] == d[:, None, :])[:, None]
+    if key_padding is not None:
+        kp = torch.cat([key_padding, key_padding], 1).bool()
+        mask = mask & kp[:, None, None, :]
+    return mask
+
+
+def prefix_mask(n: int, block_size: int, key_padding: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+    """Dense bool (B or 1, 1, n, n) block-causal mask of one sequence [x_0^{<b}, x^b] (its last block may be
+    noisy): a token sees every token of its own and earlier blocks. The per-block forward of the reference
+    and of generation without a cache."""
+    idx = torch.arange(n, device=device) // block_size
+    mask = (idx[None, :] <= idx[:, None])[None, None]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+    if key_padding is not None:
+        mask = mask & key_padding.bool()[:, None, None, :]
+    return mask
+
+
+def flex_training_mask(L: int, block_size: int, doc_ids=None, key_padding=None, device=None, *, _compile=True):
+    """The 2L training mask as a FlexAttention BlockMask, tiles of FLEX_BLOCK x FLEX_BLOCK given explicitly
+    (2L need not be a multiple of it: the last tile is partial)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    rows = 1
+    d = keep = None
+    if doc_ids is not None:
+        d = torch.cat([doc_ids, doc_ids], 1)
+        rows = d.shape[0]
+    if key_padding is not None:
+        keep = torch.cat([key_padding, key_padding], 1).bool()
+        rows = keep.shape[0]
+
+    def mask_mod(b, h, q, kv):
+        ok = pair_allowed(q, kv, L, block_size)
+        if d is not None:
+            ok = ok & (d[b, q] == d[b, kv])
+        if keep is not None:
+            ok = ok & keep[b, kv]
+        return ok
+    B = rows if (d is not None or keep is not None) else None
+    return create_block_mask(mask_mod, B, None, 2 * L, 2 * L, device=device, BLOCK_SIZE=FLEX_BLOCK,
+                             _compile=_compile and torch.device(device).type == "cuda")
+
+
+def training_attention(L: int, block_size: int, *, doc_ids=None, key_padding=None, device, backend="auto"
+                       ) -> AttentionBatch:
+    """The 2L mask, built once per batch: flex on CUDA (backend auto or flex), dense SDPA otherwise."""
+    device = torch.device(device)
+    if key_padding is not None and bool(key_padding.all()):
+        key_padding = None
+    if backend in ("auto", "flex", "flash") and device.type == "cuda" and flex_available(device):
+        return AttentionBatch("flex", False, block_mask=flex_training_mask(L, block_size, doc_ids, key_padding,
+                                                                           device))
+    return AttentionBatch("sdpa", False, mask=training_mask(L, block_size, doc_ids, key_padding, device))
+
+
+def two_l_forward(model, xt, x0, at, block_size: int, *, doc_ids=None, key_padding=None, **kw):
+    """One vectorised forward of [x_t, x_0]: logits (or cross-entropies with `targets=`) at the positions `at`
+    (B, L) of the noisy half."""
+    B, L = x0.shape
+    backend = getattr(getattr(model, "cfg", None), "attn_backend", "auto")
+    attn = training_attention(L, block_size, doc_ids=doc_ids, key_padding=key_padding, device=x0.device,
+                              backend=backend)
+    positions = torch.arange(L, device=x0.device).repeat(2)
+    at2 = torch.cat([at, torch.zeros_like(at)], 1)
+    return model(torch.cat([xt, x0], 1), attn=attn, positions=positions, logits_at=at2, **kw)
+
+
+def per_block_logits(model, xt, x0, block_size: int, *, doc_ids=None, key_padding=None) -> torch.Tensor:
+    """The reference: one forward per block b over [x_0^{<b}, x_t^b] (block-causal), logits (B, L, V) of every
+    noisy position. What the vectorised forward must reproduce, and what generation computes."""
+    B, L = x0.shape
+    out = []
+    for start in range(0, L, block_size):
+        end = min(L, start + block_size)
+        inp = torch.cat([x0[:, :start], xt[:, start:end]], 1)
+        mask = prefix_mask(end, block_size, None if key_padding is None else key_padding[:, :end],
+                           None if doc_ids is None else doc_ids[:, :end], device=x0.device)
+        logits = model(inp, attn=AttentionBatch("sdpa", False, mask=mask))
+        out.append(logits[:, start:end])
+    return torch.cat(out, 1)
+
+
+# ------------------------------------------------------------------------------------- the noise interval
+def clip_search(block_losses: dict, min_width: float = 0.5) -> tuple:
+    """BD3-LM's data-driven interval: given per-interval samples of the per-block weighted losses
+    {(t_min, t_max): tensor of per-block losses}, the interval of least variance (widths >= min_width;
+    (eps, 1) is always a candidate). A pure function of its input: the trainer collects the losses."""
+    ok = {k: v for k, v in block_losses.items() if k[1] - k[0] >= min_width - 0.01}  # (eps, w): width w
+    if not ok:
+        raise ValueError(f"no candidate interval of width >= {min_width}")
+    return min(ok, key=lambda k: (float(torch.as_tensor(ok[k], dtype=torch.float64).var()), -(k[1] - k[0])))
+
+
+def clip_candidates(widths=(0.5, 0.6, 0.7, 0.8, 0.9), delta: float = 0.05, eps: float = 1e-3) -> list:
+    """BD3-LM's search grid: every interval of the given widths starting at multiples of delta, plus (eps, 1)."""
+    out = [(eps, 1.0)]
+    for w in widths:
+        for i in range(int(round((1.0 - w) / delta)) + 1):
+            lo = round(i * delta, 10)
+            out.append((max(lo, eps), round(lo + w, 10)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the objective
+@register
+class BlockDiffusion(Objective):
+    """block: BD3-LM. Bidirectional network, custom 2L mask, one noise level per block."""
+    name = "block"
+    title = "block diffusion"
+    eval_methods = ("count", "t")
+    input_multiplier = 2  # the network sees 2L tokens per training sequence (launch.plan, MFU)
+    summary = "AR over blocks, masked diffusion within; 2L input [x_t, x_0] under a block mask; exact KV cache"
+
+    def __init__(self, dcfg, *, mask_id=None, vocab_size=None):
+        super().__init__(dcfg, mask_id=mask_id, vocab_size=vocab_size)
+        bs = int(getattr(dcfg, "block_size", 0))
+        if bs < 1:
+            raise ValueError("diffusion.objective=block needs diffusion.block_size >= 1 (tokens per block; it must "
+                             "divide data.seq_len: 1 is AR, seq_len is masked diffusion, BD3-LM uses 4 to 16)")
+        self.block_size = bs
+        self.schedule = get_schedule(dcfg.schedule, dcfg.poly_exponent)
+        self.eps = dcfg.eps
+        self.t_min = dcfg.block_t_min if dcfg.block_t_min > 0 else dcfg.eps
+        self.t_max = dcfg.block_t_max
+        if not 0 < self.t_min < self.t_max <= 1:
+            raise ValueError(f"diffusion.block_t_min={dcfg.block_t_min} / block_t_max={dcfg.block_t_max}: need "
+                             f"0 < t_min < t_max <= 1 (0 for t_min means diffusion.eps)")
+        self.keep_first = bool(dcfg.block_keep_first)
+
+    # -- checks
+    def check_model(self, mcfg) -> None:
+        super().check_model(mcfg)
+        if getattr(mcfg, "time_conditioning", "none") != "none":
+            raise ValueError("diffusion.objective=block has one noise level per block, not per row: set "
+                             "model.time_conditioning=none (BD3-LM is not time-conditioned)")
+
+    def check_seq_len(self, seq_len: int) -> None:
+        if seq_len % self.block_size:
+            raise ValueError(f"diffusion.block_size={self.block_size} must divide data.seq_len={seq_len}: pick a "
+                             f"block size among the divisors of {seq_len}")
+
+    # -- noising and the training loss
+    def draw(self, seed, step, global_batch, seq_len, *, stratified=True, random_length_prob=0.0) -> StepNoise:
+        """u (G, n_blocks) stratified over G * n_blocks, then the per-position uniforms and the length coin, in
+        that order from one (seed, step) generator: with one block the draw is masked diffusion's, bit for bit.
+        A random length is rounded down to whole blocks."""
+        self.check_seq_len(seq_len)
+        nb = seq_len // self.block_size
+        gen = step_generator(seed, step)
+        u = sample_u(global_batch * nb, gen, stratified).view(global_batch, nb)
+        mask_uniform = torch.rand(global_batch, seq_len, generator=gen)
+        coin, frac = torch.rand(2, generator=gen, dtype=torch.float64).tolist()
+        length = seq_len
+        if coin < random_length_prob:
+            length = self.block_size * max(1, (1 + int(frac * seq_len)) // self.block_size)
+        return StepNoise(u, mask_uniform, length)
+
+    def block_t(self, u: torch.Tensor) -> torch.Tensor:
+        """Noise levels of the training interval: t = t_min + (t_max - t_min) u."""
+        return self.t_min + (self.t_max - self.t_min) * u
+
+    def noise(self, x0, noise: StepNoise, doc_ids=None) -> Noised:
+        B, L = x0.shape
+        self.check_seq_len(L)
+        bs = self.block_size
+        u = noise.u.view(B, -1)[:, :L // bs].to(x0.device)
+        if bs == 1:  # t integrated out exactly: always masked, weight 1 (the AR chain rule, no noise)
+            masked = torch.ones(B, L, dtype=torch.bool, device=x0.device)
+            w = torch.ones(B, L, device=x0.device)
+        else:
+            t = self.block_t(u).repeat_interleave(bs, 1)  # (B, L)
+            masked = noise.mask_uniform.to(x0.device) < self.schedule.mask_prob(t)
+            w = self.schedule.weight(t)
+        if self.keep_first:
+            masked[:, 0] = False
+        xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
+        return Noised(x0=x0, xt=xt, at=masked, targets=x0[masked], weights=w[masked].float(), doc_ids=doc_ids)
+
+    def scored(self, L: int) -> int:
+        return L - 1 if self.keep_first else L
+
+    def loss(self, model, batch: Noised, *, ce_chunk: int = 0):
+        B, L = batch.x0.shape
+        ce = two_l_forward(model, batch.xt, batch.x0, batch.at, self.block_size, doc_ids=batch.doc_ids,
+                           targets=batch.targets, ce_chunk=ce_chunk)
+        loss = (ce * batch.weights).sum() / (B * self.scored(L))
+        return loss, {"masked_frac": batch.at.float().mean().detach(),
+                      "ce_masked": ce.detach().mean() if ce.numel() else torch.zeros((), device=batch.x0.device)}
+
+    def logit_fraction(self, seq_len: int, points: int = 100_000) -> float:
+        """Expected masked fraction of the L noisy positions (the clean half never gets logits)."""
+        if self.block_size == 1:
+            return 1.0
+        u = (torch.arange(points, dtype=torch.float64) + 0.5) / points
+        return float(self.schedule.mask_prob(self.block_t(u)).mean())
+
+    # -- the bound
+    def eval_draw(self, method, *, seed, seq, sample, samples, maskable, eps, group) -> EvalDraw:
+        """Per block b with n_b maskable positions: "count" masks l_b of them (l_b stratified over the K
+        samples, uniform on {1..n_b}) with weight n_b / l_b; "t" masks each with probability t_b (t_b stratified
+        over the K samples, in (eps, 1)) with weight w(t_b). Blocks draw independently. Block size 1 is exact:
+        every maskable position masked, weight 1. noise: (masked (L,), per-position weights (L,) float64)."""
+        if method not in self.eval_methods:
+            raise ValueError(f"unknown estimator {method!r} for block diffusion; choices: count, t")
+        L = maskable.numel()
+        masked = torch.zeros(L, dtype=torch.bool)
+        weights = torch.zeros(L, dtype=torch.float64)
+        if self.block_size == 1:
+            return EvalDraw((maskable.clone(), maskable.double()), 1.0)
+        pos = torch.rand(L, generator=eval_generator(seed, _TAG_BLOCK_POS, seq, sample), dtype=torch.float64)
+        for j, start in enumerate(range(0, L, self.block_size)):
+            sl = slice(start, min(L, start + self.block_size))
+            m = maskable[sl]
+            n = int(m.sum())
+            if n == 0:
+                continue
+            if method == "count":
+                v0 = torch.rand(1, generator=eval_generator(seed, _TAG_BLOCK_COUNT, seq, j), dtype=torch.float64)
+                l = min(n, 1 + int(((float(v0) + sample / samples) % 1.0) * n))
+                score = pos[sl].masked_fill(~m, 2.0)
+                blk = torch.zeros(m.numel(), dtype=torch.bool)
+                blk[score.argsort()[:l]] = True
+                masked[sl], weights[sl] = blk, n / l
+            else:
+                u0 = torch.rand(1, generator=eval_generator(seed, _TAG_BLOCK_T, seq, j), dtype=torch.float64)
+                t = (1.0 - eps) * (1.0 - ((float(u0) + sample / samples) % 1.0)) + eps
+                tt = torch.tensor([t], dtype=torch.float64)
+                masked[sl] = (pos[sl] < self.schedule.mask_prob(tt)) & m
+                weights[sl] = float(self.schedule.weight(tt))
+        return EvalDraw((masked, weights * masked), 1.0)
+
+    @torch.no_grad()
+    def eval_sums(self, model, x0, draws, *, keep, subs=True):
+        L = x0.shape[1]
+        masked, _ = pad([d.noise[0] for d in draws], False, x0.device, length=L)
+        w, _ = pad([d.noise[1] for d in draws], 0.0, x0.device, length=L)
+        xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
+        with autocast_for(x0.device):
+            logits = two_l_forward(model, xt, x0, masked, self.block_size, key_padding=keep)
+        logits = logits.float()
+        if subs and self.mask_id < logits.shape[-1]:
+            logits[:, self.mask_id] = float("-inf")
+        ce = F.cross_entropy(logits, x0[masked], reduction="none").double() * w[masked]
+        rows = masked.nonzero()[:, 0]
+        sums = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device).index_add_(0, rows, ce)
+        return sums.cpu() * torch.tensor([d.weight for d in draws], dtype=torch.float64)
+
+    def exact_nelbo(self, cond_logprobs, x0) -> float:
+        """sum over blocks of the block's masked-diffusion NELBO given its clean prefix, by enumerating every
+        subset of the block. Here cond_logprobs(xt (e,)) receives the input [x_0^{<b}, x_t^b] (e = end of block
+        b) and returns (e, V) log-probabilities."""
+        L = x0.numel()
+        first = 1 if self.keep_first else 0
+        total = 0.0
+        for start in range(0, L, self.block_size):
+            end = min(L, start + self.block_size)
+            cand = [i for i in range(start, end) if i >= first]
+            costs = {}
+            for r in range(1, len(cand) + 1):
+                for S in itertools.combinations(cand, r):
+                    xt = x0[:end].clone()
+                    xt[list(S)] = self.mask_id
+                    logp = cond_logprobs(xt)
+                    costs[S] = float(sum(-logp[i, x0[i]] for i in S))
+            if cand:
+                total += subset_nelbo(costs, len(cand))
+        return total
+
+    # -- generation
+    def unmask_prob(self, t: float, s: float) -> float:
+        return self.schedule.unmask_prob(t, s)
+
+    def reverse_step(self, p_x0, z_t, t, s):
+        """Within the current block: masked diffusion's absorbing posterior."""
+        return MaskedDiffusion.reverse_step(self, p_x0, z_t, t, s)
+
+    def generate(self, model, ids, real, **kw):
+        """Block-by-block generation with the exact KV cache (model/block_sample.py)."""
+        from ..block_sample import block_generate
+        return block_generate(model, ids, real, objective=self, **kw)

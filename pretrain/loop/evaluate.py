@@ -1,0 +1,35 @@
+"""Validation loss during training: fixed batches with fixed noise, so the numbers compare across steps."""
+from __future__ import annotations
+
+import torch
+
+from data import Loader
+
+from ..config import Config
+from ..engines.parallel import loss_scope
+from .metrics import all_reduce_mean
+from .step import objective_loss
+
+
+@torch.no_grad()
+def evaluate(model, cfg: Config, source, *, dp_rank: int, dp_size: int, micro: int, device, autocast,
+             objective) -> float:
+    """Mean loss over train.eval_batches fixed validation batches with fixed noise (comparable across steps)."""
+    model.eval()
+    G, L = cfg.train.global_batch_size, cfg.data.seq_len
+    loader = Loader(source, seed=0, dp_rank=dp_rank, dp_size=dp_size)
+    n = source.num_samples
+    batches = cfg.train.eval_batches if n is None else max(1, min(cfg.train.eval_batches, n // G))
+    rows = loader.rank_positions(0, G)
+    total = torch.zeros((), device=device)
+    for i in range(batches):
+        noise = objective.draw(10_007, i, G, L, stratified=True, random_length_prob=0.0)
+        for m in range(len(rows) // micro):
+            x0, doc = loader.micro_batch(i * G, G, micro, m)
+            r = rows[m * micro:(m + 1) * micro]
+            with loss_scope(cfg.parallel.tp > 1), autocast:
+                batch = objective.noise(x0, noise.rows(r), doc).to(device)
+                loss, _ = objective_loss(model, cfg, objective, batch)
+            total += loss.float() * len(r) / len(rows)
+    model.train()
+    return float(all_reduce_mean(total / batches))
