@@ -20,6 +20,10 @@ On a text checkpoint, --ar-ckpt (an AR run trained with this project on the same
 perplexity of the samples (exp of their mean NLL under the AR model, MDLM's Gen PPL) next to the unigram
 entropy; prompts are windows of --text (default: the tail of Tiny Shakespeare).
 
+--grid remdm measures inference-time scaling: MDLM ancestral, LLaDA low-confidence (T = 0 and 1) and ReMDM
+(cap, rescale, conf, loop; top-p 1 and 0.9) at steps = L/4, L/2, L, 2L, 4L (L = --gen-length), scored as above.
+For whole unconditional sequences: --prompt-len 0 --gen-length L --block-length L.
+
 Speed: tokens/s (generated tokens / wall time, best of --repeat), tokens/CPU-s (the same per second of this
 process's CPU time: with --threads 1 it is what a setting costs even on a busy shared machine, and the
 speedup column uses it), NFE (forward passes per row) and `canvas`:
@@ -60,6 +64,24 @@ FULL_GRID = [
 QUICK_GRID = [FULL_GRID[i] for i in (0, 2, 5, 7, 9, 10)]
 TARGET_GRID = [FULL_GRID[i] for i in (0, 7)]  # the baseline and threshold 0.9 + dual cache
 
+# --grid remdm, inference-time scaling: every setting at steps = L/4, L/2, L, 2L, 4L (L = --gen-length).
+# (label, sampler, temperature, ReMDM (strategy, eta, top_p) or None). The etas are the reference scripts'; top-p
+# 1 isolates the remasking, 0.9 is the reference's nucleus (remdm with eta = 0 is MDLM's ancestral step, so
+# "mdlm top-p 0.9" is MDLM with the nucleus alone).
+SCALING_GRID = [
+    ("mdlm ancestral", "mdlm", 1.0, None),
+    ("llada low-confidence", "llada", 0.0, None),
+    ("llada low-confidence", "llada", 1.0, None),
+    ("remdm cap eta=0.008", "remdm", 1.0, ("cap", 0.008, 1.0)),
+    ("remdm rescale eta=0.015", "remdm", 1.0, ("rescale", 0.015, 1.0)),
+    ("remdm conf", "remdm", 1.0, ("conf", 0.0, 1.0)),
+    ("remdm loop eta=0.02", "remdm", 1.0, ("loop", 0.02, 1.0)),
+    ("mdlm top-p 0.9 (remdm eta=0)", "remdm", 1.0, ("cap", 0.0, 0.9)),
+    ("remdm rescale eta=0.015 top-p 0.9", "remdm", 1.0, ("rescale", 0.015, 0.9)),
+    ("remdm loop eta=0.02 top-p 0.9", "remdm", 1.0, ("loop", 0.02, 0.9)),
+]
+SCALING_STEPS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
 
 def language_of(cfg):
     from data.synthetic import MarkovLanguage
@@ -68,34 +90,9 @@ def language_of(cfg):
 
 
 def oracle_scores(lang, prompts: np.ndarray, gen: np.ndarray) -> dict:
-    """Exact scores of generated continuations gen (N, G) after prompts (N, P) under the Markov language."""
-    N, G = gen.shape
-    S = lang.num_symbols
-    seq = np.concatenate([prompts, gen], 1)
-    P = prompts.shape[1]
-    with np.errstate(divide="ignore"):
-        logP = np.log(lang.P)
-        log_pi = np.log(lang.pi)
-    bad = (gen >= S).any(1)
-    g = np.minimum(seq, S - 1)
-    lp = np.empty((N, G))
-    for j in range(G):
-        col = P + j
-        lp[:, j] = log_pi[g[:, col]] if col == 0 else logP[g[:, col - 1], g[:, col]]
-    lp[bad] = -np.inf
-    nll = -lp.mean(1)  # per sample, per token (inf when any transition is forbidden)
-    finite = np.isfinite(nll)
-    trans = lp[:, 1:] if P == 0 else lp  # the first unconditional token has no transition
-    uni = []
-    for row in gen:
-        c = np.bincount(row, minlength=S + 1).astype(float)
-        p = c[c > 0] / c.sum()
-        uni.append(float(-(p * np.log(p)).sum()))
-    fin = nll[finite]
-    return {"nll": float(fin.mean()) if finite.any() else float("inf"),
-            "nll_se": float(fin.std(ddof=1) / math.sqrt(len(fin))) if finite.sum() > 1 else float("nan"),
-            "finite": float(finite.mean()), "valid": float(np.isfinite(trans).mean()),
-            "unigram_entropy": float(np.mean(uni))}
+    """Exact scores of generated continuations gen (N, G) after prompts (N, P) under the Markov language
+    (data/synthetic.py MarkovLanguage.score: nll, nll_se, finite, valid, unigram_entropy)."""
+    return lang.score(prompts, gen)
 
 
 @torch.no_grad()
@@ -141,7 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-length", type=int, default=96)
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--temperatures", default="0,1")
-    ap.add_argument("--grid", choices=["full", "quick", "target"], default="full")
+    ap.add_argument("--grid", choices=["full", "quick", "target", "remdm"], default="full",
+                    help="remdm: inference-time scaling, MDLM / LLaDA / ReMDM at L/4..4L steps (--temperatures "
+                         "unused: each row has its own)")
     ap.add_argument("--repeat", type=int, default=1, help="time each setting this many times, keep the best")
     default_text = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
     ap.add_argument("--text", default=str(default_text),
@@ -192,6 +191,20 @@ def main(argv=None) -> int:
     mask_id = cfg.model.mask_id
     generate(model, prompts[:2] if prompts else None, mask_id=mask_id, gen_length=G, steps=G // 4,
              block_length=args.block_length, batch_size=2)  # warm-up
+    if args.grid == "remdm":
+        def score(gen: np.ndarray) -> dict:
+            if synthetic:
+                sc = oracle_scores(lang, prompts_np, gen)
+                return {**sc, "nll_minus_H": sc["nll"] - H}
+            g = gen.tolist()
+            return {"gen_ppl": gen_ppl(ar, prompts, g), "unigram_entropy": text_unigram_entropy(g)}
+        rows = scaling(model, prompts, seeds, score, mask_id=mask_id, gen_length=G, block_length=args.block_length,
+                       batch_size=N, objective=run.objective, synthetic=synthetic, ref=ref,
+                       H=H if synthetic else None, repeat=args.repeat)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"reference": ref, "H": H if synthetic else None, "rows": rows},
+                                                  indent=1))
+        return 0
     grid = {"full": FULL_GRID, "quick": QUICK_GRID, "target": TARGET_GRID}[args.grid]
     base_tps = {}
     # On a shared machine the wall clock measures the other processes too; with one thread, this process's
@@ -228,6 +241,42 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"reference": ref, "rows": rows}, indent=1))
     return 0
+
+
+def scaling(model, prompts, seeds, score, *, gen_length: int, block_length: int, batch_size: int, synthetic: bool,
+            ref: dict, H, repeat: int, **kw) -> list[dict]:
+    """The --grid remdm rows: each SCALING_GRID setting at each of SCALING_STEPS x gen_length steps, scored."""
+    from model.remdm import ReMDMConfig
+    n_blocks = gen_length // block_length
+    rows = []
+    if synthetic:
+        print("| steps | sampler | T | top-p | NFE | NLL | NLL - H | p>0 | valid | unigram H | CPU s |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"| | real data | | | | {ref['nll']:.4f} ± {ref['nll_se']:.4f} | {ref['nll'] - H:+.4f} "
+              f"| {100 * ref['finite']:.0f}% | {100 * ref['valid']:.2f}% | {ref['unigram_entropy']:.3f} | |")
+    else:
+        print("| steps | sampler | T | top-p | NFE | Gen PPL | unigram H | CPU s |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        print(f"| | real text | | | | {ref['gen_ppl']:.2f} | {ref['unigram_entropy']:.3f} | |")
+    for frac in SCALING_STEPS:
+        steps = max(n_blocks, round(gen_length * frac / n_blocks) * n_blocks)
+        for label, sampler, T, rem in SCALING_GRID:
+            remdm = ReMDMConfig(*rem) if rem is not None else None
+            out, dt, cpu, st = timed_generate(model, prompts, repeat, seeds, gen_length=gen_length, steps=steps,
+                                              block_length=block_length, temperature=T, sampler=sampler,
+                                              batch_size=batch_size, pad_id=0, remdm=remdm, **kw)
+            row = {"steps": steps, "steps_over_L": frac, "setting": label, "sampler": sampler, "T": T,
+                   "top_p": rem[2] if rem is not None else 1.0, "nfe": st["forward_rows"] / batch_size,
+                   "seconds": dt, "cpu_seconds": cpu, **score(out[:, -gen_length:].cpu().numpy())}
+            rows.append(row)
+            head = f"| {steps} | {label} | {T:g} | {row['top_p']:g} | {row['nfe']:.0f} |"
+            if synthetic:
+                print(head + f" {row['nll']:.4f} ± {row['nll_se']:.4f} | {row['nll_minus_H']:+.4f} "
+                             f"| {100 * row['finite']:.0f}% | {100 * row['valid']:.2f}% | {row['unigram_entropy']:.3f} "
+                             f"| {cpu:.0f} |", flush=True)
+            else:
+                print(head + f" {row['gen_ppl']:.2f} | {row['unigram_entropy']:.3f} | {cpu:.0f} |", flush=True)
+    return rows
 
 
 def print_row(r: dict, synthetic: bool, first: bool, ref: dict, H) -> None:

@@ -5,6 +5,10 @@ Prints tokens/s, model FLOP/s and MFU against the fp32 matmul peak measured in t
 (the output head counted for every token even when it runs only at masked positions — see --full-head).
 
     python benchmarks/train_step.py [--steps 8] [--batch 8] [--seq 256] [--full-head] [--compile]
+        [--objective block --block-size 16]
+
+--objective picks another registered objective (model/objectives; default mdm, the step above). Block
+diffusion's network input is 2L tokens per sequence: its MFU is also shown counted on the 2L input.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import Transformer, count_params, flops_per_token, get_preset  # noqa: E402
 from model.objectives import LinearSchedule, sample_u  # noqa: E402
+from model.objectives import DiffusionConfig, build_objective  # noqa: E402
 from model.objectives.mdm import mdm_loss  # noqa: E402
 from pretrain.loop.flops import measure_matmul_peak  # noqa: E402
 from pretrain.loop.train import build_optimizer  # noqa: E402
@@ -50,11 +55,16 @@ def main() -> None:
     ap.add_argument("--full-head", action="store_true", help="run the output head at every position")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--objective", default="mdm", help="a registered objective (mdm, ar, block, ...)")
+    ap.add_argument("--block-size", type=int, default=16, help="diffusion.block_size for --objective block")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     cfg = get_preset("bench-25m")
+    obj = build_objective(DiffusionConfig(objective=args.objective, block_size=args.block_size),
+                          mask_id=cfg.mask_id, vocab_size=cfg.vocab_size)
+    cfg.causal = obj.causal
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.init_weights(seed=0)
@@ -67,10 +77,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, cfg.vocab_size - 1, (args.batch, args.seq), generator=gen)
 
+    counter = iter(range(1 << 30))
+
     def step():
-        u = sample_u(args.batch, gen, stratified=True)
-        loss, _ = mdm_loss(net, x0, u, torch.rand(args.batch, args.seq, generator=gen), mask_id=cfg.mask_id,
-                           schedule=schedule, eps=1e-3)
+        if args.objective == "mdm":
+            u = sample_u(args.batch, gen, stratified=True)
+            loss, _ = mdm_loss(net, x0, u, torch.rand(args.batch, args.seq, generator=gen), mask_id=cfg.mask_id,
+                               schedule=schedule, eps=1e-3)
+        else:  # the objective's own draw, noise and loss (as the trainer runs them)
+            loss, _ = obj.micro_loss(net, x0, obj.draw(0, next(counter), args.batch, args.seq), ce_chunk=4096)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -88,6 +103,8 @@ def main() -> None:
     peak = max(peaks)
     tokens = args.batch * args.seq
     fpt = flops_per_token(cfg, args.seq, counts["non_embedding"])
+    mult = obj.input_multiplier
+    fpt_in = flops_per_token(cfg, args.seq * mult, counts["non_embedding"])  # per token of the network input
     best, med = min(times), statistics.median(times)
     rows = [("params (total / non-embedding)", f"{counts['total'] / 1e6:.1f}M / {counts['non_embedding'] / 1e6:.1f}M"),
             ("shape", f"d {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.ffn_dim}, vocab "
@@ -95,6 +112,7 @@ def main() -> None:
             ("threads", str(torch.get_num_threads())),
             ("output head", "all positions" if args.full_head else "masked positions only"),
             ("compile", str(args.compile)),
+            ("objective", args.objective + (f" (block {args.block_size}, {mult}L input)" if mult > 1 else "")),
             ("FLOPs / token", f"{fpt / 1e6:.1f}M"),
             ("fp32 matmul peak (2048^3, best)", f"{peak / 1e9:.1f} GFLOP/s"),
             ("step time (median / best)", f"{med * 1e3:.0f} / {best * 1e3:.0f} ms"),
@@ -102,6 +120,9 @@ def main() -> None:
             ("model FLOP/s (median)", f"{tokens * fpt / med / 1e9:.1f} GFLOP/s"),
             ("MFU (median / best step)", f"{100 * tokens * fpt / med / peak:.1f}% / "
                                          f"{100 * tokens * fpt / best / peak:.1f}%")]
+    if mult > 1:
+        rows.append((f"MFU on the {mult}L input (median / best)",
+                     f"{100 * mult * tokens * fpt_in / med / peak:.1f}% / {100 * mult * tokens * fpt_in / best / peak:.1f}%"))
     width = max(len(k) for k, _ in rows)
     print(f"| {'quantity'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
     for k, v in rows:

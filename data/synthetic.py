@@ -79,6 +79,41 @@ class MarkovLanguage:
             return float("nan")
         return sum(self.P[a, b] > 0 for a, b in pairs) / len(pairs)
 
+    def score(self, prompts: np.ndarray, gen: np.ndarray) -> dict:
+        """Exact scores of generated continuations gen (N, G) after prompts (N, P) (P = 0: unconditional, the
+        first token scored under pi): nll, the mean over samples of the per-token negative log-likelihood of
+        those samples the language can produce (nll_se its standard error); finite, the fraction of such
+        samples; valid, the fraction of transitions the language allows; unigram_entropy, the mean entropy of
+        each sample's token histogram (repetition shows up low). Real samples score nll ~ entropy_per_token(G)
+        (entropy_rate after a prompt), valid 1."""
+        N, G = gen.shape
+        S = self.num_symbols
+        seq = np.concatenate([prompts, gen], 1)
+        P = prompts.shape[1]
+        with np.errstate(divide="ignore"):
+            logP = np.log(self.P)
+            log_pi = np.log(self.pi)
+        bad = (gen >= S).any(1)
+        g = np.minimum(seq, S - 1)
+        lp = np.empty((N, G))
+        for j in range(G):
+            col = P + j
+            lp[:, j] = log_pi[g[:, col]] if col == 0 else logP[g[:, col - 1], g[:, col]]
+        lp[bad] = -np.inf
+        nll = -lp.mean(1)  # per sample, per token (inf when any transition is forbidden)
+        finite = np.isfinite(nll)
+        trans = lp[:, 1:] if P == 0 else lp  # the first unconditional token has no transition
+        uni = []
+        for row in gen:
+            c = np.bincount(row, minlength=S + 1).astype(float)
+            p = c[c > 0] / c.sum()
+            uni.append(float(-(p * np.log(p)).sum()))
+        fin = nll[finite]
+        return {"nll": float(fin.mean()) if finite.any() else float("inf"),
+                "nll_se": float(fin.std(ddof=1) / math.sqrt(len(fin))) if finite.sum() > 1 else float("nan"),
+                "finite": float(finite.mean()), "valid": float(np.isfinite(trans).mean()),
+                "unigram_entropy": float(np.mean(uni))}
+
     def word(self, symbol: int) -> str:
         if symbol >= self.num_symbols:
             return "[MASK]" if symbol == self.num_symbols else f"<{symbol}>"

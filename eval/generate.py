@@ -26,6 +26,7 @@ import time
 import torch
 
 from .load import load
+from model.remdm import ReMDMConfig
 from model.sample import generate, render, row_generators, strip_after_eos
 
 
@@ -63,8 +64,14 @@ def main(argv=None) -> int:
     ap.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (default: gen-length)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: Gumbel-max sampling")
     ap.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
-    ap.add_argument("--sampler", choices=["llada", "mdlm"], default="llada",
-                    help="llada: confidence/random remasking; mdlm: ancestral sampler with prediction caching")
+    ap.add_argument("--sampler", choices=["llada", "mdlm", "remdm", "psi"], default="llada",
+                    help="llada: confidence/random remasking; mdlm: ancestral sampler with prediction caching; "
+                    "psi (uniform / hybrid checkpoints): the Psi-mixing step with diffusion.psi_kappa; "
+                         "remdm: ReMDM, which re-masks decoded tokens (model/remdm.py)")
+    ap.add_argument("--remdm-strategy", choices=["cap", "rescale", "conf", "loop"], default="rescale",
+                    help="ReMDM's remasking schedule (--sampler remdm)")
+    ap.add_argument("--eta", type=float, default=0.015, help="ReMDM's remasking strength (cap/rescale/loop)")
+    ap.add_argument("--top-p", type=float, default=0.9, help="ReMDM's nucleus (1: off)")
     ap.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance weight w (0: off)")
     ap.add_argument("--decode", choices=["fixed", "threshold", "factor"], default="fixed",
                     help="parallel decoding policy of the llada sampler (fixed: LLaDA's even split)")
@@ -131,7 +138,8 @@ def main(argv=None) -> int:
                        cfg_scale=args.cfg_scale, eos_id=eos, min_new_tokens=args.min_new_tokens,
                        stop_at_eos=args.stop_at_eos and eos is not None, callback=show if args.visualize else None,
                        decode=args.decode, threshold=args.threshold, factor=args.factor, kv_cache=args.kv_cache,
-                       refresh_every=args.refresh_every, stats=stats, objective=run.objective)
+                       refresh_every=args.refresh_every, stats=stats, objective=run.objective,
+                       remdm=ReMDMConfig(args.remdm_strategy, args.eta, args.top_p))
     except ValueError as e:  # an impossible option combination (e.g. --decode threshold --sampler mdlm)
         print(f"error: {e}", file=sys.stderr)
         return 2

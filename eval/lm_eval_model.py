@@ -22,8 +22,10 @@ or run `python -m eval.downstream` (docs/downstream.md). Requests are served bat
 Model args (key=value): ckpt (or pretrained: also a LLaDA-format Hugging Face folder or hub id, converted on the
 fly by eval/load.py), device (auto), dtype (auto|fp32|bf16), batch_size (rows per
 forward), mc_samples (128), mc_round, stderr_tol, cfg_scale, seed, greedy (auto|always|never),
-gen_length, steps, block_length, remasking, sampler, temperature, decode (fixed|threshold|factor), threshold
-(0.9), factor (1.0), kv_cache (none|prefix|dual), refresh_every (0), rolling_samples (16), rolling_method
+gen_length, steps, block_length, remasking, sampler (llada|mdlm|remdm), temperature, decode
+(fixed|threshold|factor), threshold (0.9), factor (1.0), kv_cache (none|prefix|dual), refresh_every (0),
+remdm_strategy (cap|rescale|conf|loop; sampler=remdm, model/remdm.py), eta (0.015), top_p (0.9: ReMDM's
+nucleus, 1 off), rolling_samples (16), rolling_method
 (count), max_length (default: the checkpoint's training sequence length). generate_until draws each request
 from its own generator (seed and the context's tokens), so its text does not depend on its batch.
 """
@@ -44,6 +46,7 @@ from tqdm import tqdm
 from .generate import resolve_device, resolve_dtype
 from .likelihood import conditional_loglikelihood, encode_pair, greedy_match
 from .load import load
+from model.remdm import ReMDMConfig
 from model.sample import check_options, generate_many, strip_after_eos
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,8 @@ class UnmaskLM(LM):
                  remasking: str = "low_confidence", sampler: str = "llada", temperature: float = 0.0,
                  rolling_samples: int = 16, rolling_method: str = "count", max_length: Optional[int] = None,
                  decode: str = "fixed", threshold: float = 0.9, factor: float = 1.0, kv_cache: str = "none",
-                 refresh_every: int = 0, **unused):
+                 refresh_every: int = 0, remdm_strategy: str = "rescale", eta: float = 0.015, top_p: float = 0.9,
+                 **unused):
         super().__init__()
         # lm-eval bootstraps stderrs (perplexity, median, ...) in a fork()ed Pool; a fork of a process that
         # runs torch's intra-op threads can deadlock in the child (seen in CI: a 900 s hang). Its in-process
@@ -100,6 +104,8 @@ class UnmaskLM(LM):
                          refresh_every=int(refresh_every))
         check_options(sampler, remasking, decode, float(threshold), float(factor), kv_cache, int(refresh_every),
                        1, 1)
+        self.remdm = ReMDMConfig(remdm_strategy, float(eta), float(top_p))  # sampler=remdm's remasking
+        self.remdm.check()
         self.rolling_samples, self.rolling_method = int(rolling_samples), rolling_method
         self.max_length = int(max_length or min(self.run.cfg.data.seq_len, self.run.cfg.model.max_seq_len))
         self.eos_id = getattr(self.tok, "eos_id", None)
@@ -231,7 +237,7 @@ class UnmaskLM(LM):
                              remasking=self.remasking, sampler=self.sampler,
                              seeds=[zlib.crc32(repr((self.seed, c)).encode()) for c in ctxs],
                              cfg_scale=0.0 if self.run.is_ar else self.cfg_scale, eos_id=self.eos_id,
-                             objective=self.run.objective,
+                             objective=self.run.objective, remdm=self.remdm,
                              stop_at_eos=self.eos_id is not None,
                              stop_fn=stopped if (until or self.eos_id is not None) else None, **self.fast)
         texts = []

@@ -31,7 +31,9 @@ class Loaded:
     @property
     def objective(self) -> Objective:
         """The checkpoint's objective (model/objectives): its bound estimators and reverse process."""
-        return build_objective(self.cfg.diffusion, mask_id=self.cfg.model.mask_id, vocab_size=self.cfg.model.vocab_size)
+        obj = build_objective(self.cfg.diffusion, mask_id=self.cfg.model.mask_id, vocab_size=self.cfg.model.vocab_size)
+        obj.init_modules(self.model)  # an objective's own learned parameters (genmd4's exponents), loaded with it
+        return obj
 
     @property
     def is_ar(self) -> bool:
@@ -61,6 +63,7 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32, ema: bool = Tru
         raise FileNotFoundError(f"{run_dir} has no config.yaml: cannot rebuild the model shape")
     cfg = load_run_config(run_dir)
     model = Transformer(cfg.model)
+    build_objective(cfg.diffusion, mask_id=cfg.model.mask_id, vocab_size=cfg.model.vocab_size).init_modules(model)
     step, which = None, "raw"
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file

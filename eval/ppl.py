@@ -324,6 +324,9 @@ def main(argv=None) -> tuple[list[dict], list[str]]:
                              rows_per_wrap=protocol.rows_per_wrap, tokenizer=tok, weights=weights,
                              wrap_shards=protocol.wrap_shards)
             row["scored_tokens"] = est.n_tokens
+            row["objective"] = objective.name  # with `method`: which bound, estimated how
+            if hasattr(objective, "prior_nats"):  # uniform / hybrid: the prior term included in the bound
+                row["prior_nats_per_token"] = objective.prior_nats()
             rows.append(row)
             bound = "<=" if method != "ar" else "="
             say(f"{name:>12} {split:<10} {method:<5} K={args.samples:<3} {blocks.n_blocks:>5} blocks "

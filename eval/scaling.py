@@ -313,9 +313,10 @@ def repeat_fit(N, D, U, L, *, boot: int = 200, seed: int = 0, delta: float = 1e-
 
 # ----------------------------------------------------------------------------- the compute multiplier
 
-def compute_multiplier(iso: dict, boot_pairs: dict) -> dict:
-    """C_MDM / C_AR at equal frontier loss, at each AR budget: L*(C) = exp(log_k) C^k per objective."""
-    m, a = iso["mdm"], iso["ar"]
+def compute_multiplier(iso: dict, boot_pairs: dict, obj: str = "mdm") -> dict:
+    """C_obj / C_AR at equal frontier loss, at each AR budget: L*(C) = exp(log_k) C^k per objective (obj: mdm,
+    or any other diffusion objective of the sweep: uniform, hybrid, ...)."""
+    m, a = iso[obj], iso["ar"]
 
     def mult(km, lkm, ka, lka, C):
         if not all(np.isfinite([km, lkm, ka, lka])) or km == 0:
@@ -327,7 +328,7 @@ def compute_multiplier(iso: dict, boot_pairs: dict) -> dict:
     for pb in a["per_budget"]:
         C = pb["flops"]
         point = mult(m["frontier_exponent"], m["frontier_log_k"], a["frontier_exponent"], a["frontier_log_k"], C)
-        reps = [mult(km, lkm, ka, lka, C) for (km, lkm), (ka, lka) in zip(boot_pairs["mdm"], boot_pairs["ar"])]
+        reps = [mult(km, lkm, ka, lka, C) for (km, lkm), (ka, lka) in zip(boot_pairs[obj], boot_pairs["ar"])]
         out.append({"ar_flops": C, "multiplier": point, "ci": _ci(reps)})
     # The same ratio read at MDM's frontier points on AR's frontier: at MDM budget C with frontier loss L, AR needs
     # C_AR(L) = (L / k_AR)^(1 / e_AR); in range when L lies within AR's own frontier losses (no extrapolation).
@@ -569,6 +570,17 @@ def markdown(result: dict) -> str:
         g = m.get("geomean_in_range", float("nan"))
         lines += ["", f"Geometric mean over in-range points: {g:.3g}" if math.isfinite(g) else
                   "No MDM frontier loss lies inside AR's measured range: every reading extrapolates AR's frontier.", ""]
+    if result.get("multipliers"):
+        lines += ["## Per noise type: compute multiplier against AR and N_opt ~ C^a", "",
+                  "| objective | multiplier per AR budget (95% CI) | geometric mean | in-range geometric mean | "
+                  "N_opt ~ C^a |", "|---|---|---|---|---|"]
+        for o, m in result["multipliers"].items():
+            per = "; ".join(f"{b['ar_flops']:.3g}: {_fmt_ci(b['multiplier'], b['ci'])}" for b in m["per_ar_budget"])
+            g, gi = m.get("geomean", float("nan")), m.get("geomean_in_range", float("nan"))
+            fit = result["isoflop"][o]
+            a_txt = _fmt_ci(fit["a"], fit["a_ci"]) if math.isfinite(fit["a"]) else "not resolved by the grid"
+            lines.append(f"| {o} | {per} | {g:.3g} | {gi:.3g} | {a_txt} |")
+        lines.append("")
     if result.get("repeat"):
         lines += ["## Data-constrained (Muennighoff et al. effective data)", "",
                   "| objective | R*_D (repeat half-life, epochs) | beta | rms log residual |", "|---|---|---|---|"]
@@ -621,6 +633,10 @@ def analyse(sweep_dir, out=None, *, boot: int = 200, loss: str = "final", params
         result["isoflop"], result["parametric"] = iso, par
         if "mdm" in iso and "ar" in iso:
             result["multiplier"] = compute_multiplier(iso, {o: iso[o]["_reps"] for o in ("mdm", "ar")})
+        if "ar" in iso and any(o not in ("ar", "mdm") for o in iso):
+            # Noise-type comparisons (masked, hybrid, uniform, ...): every diffusion objective against AR.
+            result["multipliers"] = {o: compute_multiplier(iso, {k: iso[k]["_reps"] for k in (o, "ar")}, o)
+                                     for o in iso if o != "ar"}
         if plots:
             result["figures"] += [str(plot_isoflop(by_obj, iso, out, loss, params)),
                                   str(plot_frontier(by_obj, iso, result.get("multiplier"), out, loss)),

@@ -24,12 +24,13 @@ mkdir -p "$2"
 DIR=$(cd "$2" && pwd)
 CONF=$DIR/slurm.conf
 export SLURM_CONF=$CONF
+export PATH="$PATH:/usr/sbin:/sbin"  # the daemons live there; not every root shell has it on PATH
 # Marks every daemon (and the slurmstepd processes they fork) of this cluster, for the safety net in stop.
 MARK="UNMASK_LOCAL_SLURM=$DIR"
 
 die() {
     echo "local_slurm: $*" >&2
-    for f in "$DIR"/log/*.log; do
+    for f in "$DIR"/log/*.log "$DIR"/log/*.out; do
         [ -f "$f" ] && { echo "---- $f (last 40 lines)" >&2; tail -n 40 "$f" >&2; }
     done
     exit 1
@@ -39,7 +40,7 @@ free_port() {  # a port nothing listens on now (the kernel's pick)
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-start_daemon() {  # name, command...: run in the foreground of its own session, log to DIR/log/name.log
+start_daemon() {  # name, command...: in the foreground of its own session, output to DIR/log/name.out
     local name=$1
     shift
     env "$MARK" setsid "$@" >>"$DIR/log/$name.out" 2>&1 </dev/null &

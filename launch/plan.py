@@ -97,7 +97,7 @@ def _fsdp_units(model, tp: int) -> list[int]:
 
 
 def activation_bytes(mcfg, *, seq_len: int, micro: int, tp: int, ac: str, ac_every: int, ce_chunk: int = 4096,
-                     attn_mask: str = "flex") -> dict:
+                     attn_mask: str = "flex", row_loss_bytes: int = 0, input_multiplier: int = 1) -> dict:
     """Estimated activation memory of one micro-batch on one rank (bf16 activations, sequence parallel).
 
     Saved for backward per token per block, in elements (d = dim, k = kv dim, F = ffn hidden, t = tp):
@@ -113,13 +113,21 @@ def activation_bytes(mcfg, *, seq_len: int, micro: int, tp: int, ac: str, ac_eve
     The head (worst case: every position masked) keeps the gathered hidden state; the logits exist for one
     chunk of `ce_chunk` rows at a time (bf16 slice, fp32 copy, fp32 log-softmax: 10 bytes per vocab entry /
     t); under tensor parallelism the cross-entropy is loss-parallel and unchunked (every row, V / t).
-    Attention masks, once per micro-batch: a dense boolean (B, 1, L, L) mask and the bf16 bias SDPA makes
-    of it ("dense", 3 bytes per entry); a FlexAttention block mask ("flex", int32 block indices for 128 x 128
-    tiles, forward and backward); flash-attn varlen index ("varlen", 8 bytes per token); or nothing.
+    Attention masks, once per micro-batch: a dense (B, 1, L, L) additive bf16 mask, built once and shared by
+    every layer ("dense", 2 bytes per entry: model/attention.py); a FlexAttention block mask ("flex", int32
+    block indices for 128 x 128 tiles, forward and backward); flash-attn varlen index ("varlen", 8 bytes per
+    token); or nothing.
     Time conditioning (adaLN) keeps, per block, the two norm outputs before modulation and the two branch
     outputs before their gates, 4d / t more (op-level checkpointing recomputes the first and saves the second
-    anyway), and the final norm's output before its modulation (d per token, with the head)."""
+    anyway), and the final norm's output before its modulation (d per token, with the head).
+    Full-vocabulary losses at every position (uniform / hybrid: the objective's `row_loss_bytes` > 0) run the
+    chunked row loss even under tensor parallelism, each chunk gathered to the full vocabulary: ce_chunk rows of
+    row_loss_bytes per vocab entry (its temporaries), not divided by t.
+    input_multiplier m: the network sees m x seq_len tokens per sequence (block diffusion's [x_t, x_0], m = 2):
+    the blocks and the attention mask are counted at m L, the head at the L training positions only."""
     d, k, F, t = mcfg.dim, mcfg.kv_heads * mcfg.head_dim, mcfg.ffn_dim, tp
+    head_tokens = seq_len * micro
+    seq_len = seq_len * input_multiplier
     tokens = seq_len * micro
     bf16, fp32 = 2, 4
     per_token_block = bf16 * (2 * d + (2 * d + 2 * k + 2 * d + d + 4 * F) / t) + fp32 * (d + k) / t
@@ -142,10 +150,15 @@ def activation_bytes(mcfg, *, seq_len: int, micro: int, tp: int, ac: str, ac_eve
         else:
             checkpointed = 0
         blocks = (n - checkpointed) * block_full + checkpointed * block_input + (block_full if checkpointed else 0)
-    rows = tokens if (tp > 1 or ce_chunk <= 0) else min(tokens, ce_chunk)
-    head = tokens * bf16 * d * (2 if conditioned else 1) + rows * 10 * mcfg.vocab_size / t
+    if row_loss_bytes:
+        rows = head_tokens if ce_chunk <= 0 else min(head_tokens, ce_chunk)
+        logits = rows * row_loss_bytes * mcfg.vocab_size
+    else:
+        rows = head_tokens if (tp > 1 or ce_chunk <= 0) else min(head_tokens, ce_chunk)
+        logits = rows * 10 * mcfg.vocab_size / t
+    head = head_tokens * bf16 * d * (2 if conditioned else 1) + logits
     tiles = -(-seq_len // 128)
-    masks = {"dense": 3 * micro * seq_len * seq_len, "flex": 2 * 2 * 4 * micro * tiles * tiles,
+    masks = {"dense": 2 * micro * seq_len * seq_len, "flex": 2 * 2 * 4 * micro * tiles * tiles,
              "varlen": 8 * tokens, "none": 0}[attn_mask]
     return {"blocks": blocks, "head": head, "attn_masks": masks, "total": blocks + head + masks,
             "per_block_no_ac": block_full}
@@ -156,7 +169,13 @@ AC_MODES = ("none", "selective", "op", "full")
 
 def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, ac: str, ac_every: int,
          param_dtype_bytes: int = 2, gpu_gib: float = 80.0, ce_chunk: int = 4096, attn_mask: str = "flex",
-         reduce_every_micro_batch: bool = False) -> dict:
+         reduce_every_micro_batch: bool = False, objective: str = "mdm") -> dict:
+    from model.objectives import OBJECTIVES
+    row_loss_bytes = getattr(OBJECTIVES.get(objective), "row_loss_bytes", 0)
+    input_multiplier = getattr(OBJECTIVES.get(objective), "input_multiplier", 1)  # block: the 2L input
+    if row_loss_bytes:  # the row loss runs diffusion.row_chunk rows at a time (its default) when smaller
+        from model.objectives import DiffusionConfig
+        ce_chunk = min(ce_chunk, DiffusionConfig().row_chunk) if ce_chunk > 0 else DiffusionConfig().row_chunk
     exact = sharded_state_bytes(mcfg, layout)
     dp = exact["dims"]["dp"]
     if global_batch % (micro * dp):
@@ -172,7 +191,9 @@ def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, a
     # unsharded fp32 gradients (parallel.reduce_every_micro_batch=true trades this for more communication).
     accum_grads = 4 * exact["unsharded_elements"] if (dp > 1 and accum > 1 and not reduce_every_micro_batch) else 0
     acts = {mode: activation_bytes(mcfg, seq_len=seq_len, micro=micro, tp=layout.tp, ac=mode, ac_every=ac_every,
-                                   ce_chunk=ce_chunk, attn_mask=attn_mask) for mode in AC_MODES}
+                                   ce_chunk=ce_chunk, attn_mask=attn_mask, row_loss_bytes=row_loss_bytes,
+                                   input_multiplier=input_multiplier)
+            for mode in AC_MODES}
     states = exact["params"] + exact["grads"] + exact["optimizer"]
     totals = {mode: states + fsdp + accum_grads + a["total"] for mode, a in acts.items()}
     capacity = gpu_gib * GiB
@@ -192,7 +213,7 @@ def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, a
             "fsdp_buffers": fsdp, "accum_grads": accum_grads,
             "activations": {m: a["total"] for m, a in acts.items()},
             "attn_masks": acts[ac]["attn_masks"], "ce_head": acts[ac]["head"], "ce_chunk": ce_chunk,
-            "attn_mask": attn_mask,
+            "attn_mask": attn_mask, "objective": objective,
             "ac": ac, "total": totals[ac], "totals": totals, "gpu_gib": gpu_gib, "warnings": warnings}
 
 
@@ -235,6 +256,8 @@ def _model_config(args):
         cfg = from_dict(Config, yaml.safe_load(open(args.config)) or {})
         mcfg = cfg.model
         seq_len, batch, steps = cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.steps
+        if args.objective is None:
+            args.objective = cfg.diffusion.objective
     else:
         mcfg, seq_len, batch, steps = get_preset(args.model), None, None, None
     if args.vocab_size:
@@ -270,6 +293,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--param-dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0)
     ap.add_argument("--vocab-size", type=int, default=None)
+    ap.add_argument("--objective", default=None, help="diffusion.objective (default: the config's, else mdm): "
+                    "uniform / hybrid count their full-vocabulary loss at every position")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
     mcfg, cfg_seq, cfg_batch, cfg_steps = _model_config(args)
@@ -281,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         p = plan(mcfg, layout, seq_len=seq_len, global_batch=global_batch, micro=args.micro_batch, ac=args.ac,
                  ac_every=args.ac_every, param_dtype_bytes=2 if args.param_dtype == "bf16" else 4,
                  gpu_gib=args.gpu_memory_gib, ce_chunk=args.ce_chunk, attn_mask=args.attn_mask,
-                 reduce_every_micro_batch=args.reduce_every_micro_batch)
+                 reduce_every_micro_batch=args.reduce_every_micro_batch, objective=args.objective or "mdm")
     except ValueError as e:
         sys.exit(f"plan error: {e}")
     p["model"] = p["model"] or args.config  # a recipe without a preset is named by its file

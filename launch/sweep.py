@@ -270,7 +270,9 @@ def _fmt_budget(b: float) -> str:
 def _plan_one(spec, base, rules, ev, timing, data_cache, sweep, out_dir, index, size, model_keys, obj, budget,
               seed, U, layers, where_s, where_o, where_b, torch, Transformer, count_params, Config, ConfigError,
               from_dict, step_flops) -> RunPlan:
-    run = f"{size['name']}-{obj}-C{_fmt_budget(budget)}" + (f"-U{_fmt_budget(U)}" if U else "") + f"-s{seed}"
+    block = dict(layers[1][1]).get("diffusion.block_size")  # block diffusion: one run per block size
+    label = f"{obj}{block}" if obj == "block" and block is not None else obj
+    run = f"{size['name']}-{label}-C{_fmt_budget(budget)}" + (f"-U{_fmt_budget(U)}" if U else "") + f"-s{seed}"
     where = f"run {run} ({where_s}, {where_o}, {where_b})"
     tree = json.loads(json.dumps(base))
     tree.setdefault("model", {})
@@ -279,6 +281,9 @@ def _plan_one(spec, base, rules, ev, timing, data_cache, sweep, out_dir, index, 
                                                                          "attn_backend")}
     tree["model"].update(model_keys)
     tree["model"]["causal"] = causal_by_objective()[obj]
+    from model.objectives import OBJECTIVES
+    if OBJECTIVES[obj].time_conditioning:  # uniform / hybrid: the network gets the noise level (adaLN)
+        tree["model"].setdefault("time_conditioning", "adaln")
     tree.setdefault("diffusion", {})["objective"] = obj
     dim_guess = model_keys.get("dim") or tree["model"].get("dim")
     if dim_guess is None and "preset" in model_keys:

@@ -7,7 +7,7 @@ real tokens) hides padding. `causal` adds the autoregressive triangle.
 `AttentionBatch.build(...)` runs once per forward (in Transformer.hidden) and every layer, and every
 activation-checkpoint recompute, reuses what it built:
 - nothing to mask (no padding, every row one document): no mask at all, the fastest SDPA kernels;
-- sdpa: a dense boolean (B, 1, L, L) mask (CPU, and the fallback);
+- sdpa: a dense (B, 1, L, L) mask (CPU, and the fallback), additive in the compute dtype when it is known;
 - flex: a FlexAttention BlockMask (block-sparse; blocks inside one document run unmasked);
 - flash: flash-attn varlen, `cu_seqlens` and the gather index computed here, so no layer syncs with the host.
 `auto` picks flash (installed, CUDA, half precision) > flex (CUDA) > sdpa for masked batches on CUDA, and
@@ -109,8 +109,11 @@ class AttentionBatch:
 
     @classmethod
     def build(cls, doc_ids, key_padding, *, causal: bool, backend: str, seq_len: int, device,
-              dtype=None) -> "AttentionBatch":
-        masked = (doc_ids is not None or key_padding is not None) and needs_mask(doc_ids, key_padding)
+              dtype=None, mask_known: bool = False) -> "AttentionBatch":
+        """mask_known: the caller checked on the host that doc_ids / key_padding, when given, do mask something,
+        so the device-side check (a host sync) is skipped."""
+        given = doc_ids is not None or key_padding is not None
+        masked = given and (mask_known or needs_mask(doc_ids, key_padding))
         name = resolve_backend(backend, device, masked, dtype)
         if not masked:
             if name == "flex":  # flex without a mask is plain attention: take SDPA's kernels
@@ -119,7 +122,12 @@ class AttentionBatch:
         if name == "flex" and seq_len <= FLEX_BLOCK and _device_type(device) in COMPILED_ON:
             name = "sdpa"  # one tile: the dense mask is tiny, and compiled flex would specialise a graph for it
         if name == "sdpa":
-            return cls(name, causal, mask=build_mask(doc_ids, key_padding, causal, seq_len, seq_len, device))
+            mask = build_mask(doc_ids, key_padding, causal, seq_len, seq_len, device)
+            if dtype is not None and dtype.is_floating_point:
+                # SDPA turns a boolean mask into an additive one (0 / -inf, the query's dtype) in every call:
+                # once here instead of in every layer, and every layer's backward shares this one tensor.
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            return cls(name, causal, mask=mask)
         if name == "flex":
             return cls(name, causal, block_mask=flex_block_mask(doc_ids, key_padding, causal, seq_len, device))
         return cls(name, causal, varlen=varlen_metadata(doc_ids, key_padding, seq_len, device))

@@ -295,6 +295,9 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
                                   decode=decode, threshold=threshold, factor=factor, kv_cache=kv_cache != "none",
                                   eos_id=eos_id, min_new_tokens=min_new_tokens, stop_at_eos=stop_at_eos,
                                   stop_fn=stop_fn, pad_id=pad_id, callback=callback, stats=stats)
+    if sampler == "psi":
+        raise ValueError("sampler 'psi' steps a uniform or hybrid objective (diffusion.objective=uniform|hybrid); "
+                         "masked checkpoints use sampler='remdm' for predictor-corrector steps")
     if _is_causal(model):
         if cfg_scale:
             raise ValueError("classifier-free guidance is defined for diffusion models only")

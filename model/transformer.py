@@ -245,7 +245,8 @@ class Transformer(nn.Module):
                              f"{' ' + str(t.dtype) if torch.is_tensor(t) else ''}")
         return self.time_embed(timestep_features(t))
 
-    def hidden(self, tokens, doc_ids=None, key_padding=None, kv_cache=None, t=None, attn=None, positions=None):
+    def hidden(self, tokens, doc_ids=None, key_padding=None, kv_cache=None, t=None, attn=None, positions=None,
+               mask_known: bool = False):
         cond = self.conditioning(t, tokens.shape[0])
         L = tokens.shape[1]
         # With a KV cache the tokens sit at canvas columns kv_cache.positions(L) (model/kvcache.py).
@@ -265,7 +266,7 @@ class Transformer(nn.Module):
         # caller's prebuilt AttentionBatch (a custom mask, e.g. block diffusion's), replaces it.
         batch = attn if attn is not None else AttentionBatch.build(
             doc_ids, key_padding, causal=self.cfg.causal, backend=self.cfg.attn_backend, seq_len=L,
-            device=tokens.device, dtype=self.compute_dtype(h))
+            device=tokens.device, dtype=self.compute_dtype(h), mask_known=mask_known)
         extra = {} if cond is None else {"cond": cond}
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, batch, kv_cache=kv_cache.layer(i) if kv_cache is not None else None, **extra)
@@ -281,7 +282,7 @@ class Transformer(nn.Module):
     def forward(self, tokens, doc_ids=None, key_padding=None, logits_at: Optional[torch.Tensor] = None,
                 targets: Optional[torch.Tensor] = None, ce_chunk: int = 0, kv_cache=None,
                 t: Optional[torch.Tensor] = None, row_loss: Optional[RowLoss] = None, attn=None,
-                positions: Optional[torch.Tensor] = None):
+                positions: Optional[torch.Tensor] = None, mask_known: bool = False):
         """tokens: (B, L) ids. Returns logits (B, L, V), or (N, V) for the N positions where the boolean
         `logits_at` (B, L) is True: the loss needs logits only at masked positions, so the output head (the
         largest matmul for small models) runs only there. With `targets` (N,) it returns the fp32
@@ -298,12 +299,19 @@ class Transformer(nn.Module):
 
         attn: a prebuilt model.attention.AttentionBatch (a custom mask, built once per batch by the caller and
         shared by every layer and recompute); doc_ids/key_padding/causal are then not consulted. positions:
-        (L,) rotary positions of the tokens (default 0..L-1). Block diffusion uses both (model/objectives/block.py)."""
+        (L,) rotary positions of the tokens (default 0..L-1). Block diffusion uses both (model/objectives/block.py).
+
+        logits_at may also be a (N,) long tensor of flat row-major positions (the training step computes them on
+        the host: no sync), or a slice over positions (the AR baseline's every-position-but-the-last).
+        mask_known: the caller checked on the host that doc_ids / key_padding mask something (no device sync)."""
         if targets is not None and row_loss is not None:
             raise ValueError("give either targets (cross-entropy) or row_loss (a custom per-row loss), not both")
-        h = self.hidden(tokens, doc_ids, key_padding, kv_cache=kv_cache, t=t, attn=attn, positions=positions)
-        if logits_at is not None:
-            h = h[logits_at]
+        h = self.hidden(tokens, doc_ids, key_padding, kv_cache=kv_cache, t=t, attn=attn, positions=positions,
+                        mask_known=mask_known)
+        if isinstance(logits_at, slice):
+            h = h[:, logits_at].reshape(-1, h.shape[-1])
+        elif logits_at is not None:
+            h = h[logits_at] if logits_at.dtype == torch.bool else h.flatten(0, 1).index_select(0, logits_at)
         elif row_loss is not None:
             h = h.reshape(-1, h.shape[-1])  # every position, row-major
         if row_loss is not None:

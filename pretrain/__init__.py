@@ -6,7 +6,7 @@
 - checkpoint/: storage (store: writing, verifying, listing; ema; weights: reading any checkpoint's weights;
   resume: choosing, rolling back, comparing configs; `python -m pretrain.checkpoint.resume`);
 - interop/: other formats (`python -m pretrain.interop.convert`, `python -m pretrain.interop.export`);
-- diffusion.py: the objective; plot.py: loss curves (`python -m pretrain.plot`).
+- plot.py: loss curves (`python -m pretrain.plot`). The objectives live next to the model (model/objectives/).
 
 Nothing imports loop/ but __main__.py (and the launchers, tests and benchmarks that run training).
 """

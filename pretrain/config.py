@@ -130,6 +130,10 @@ class TrainConfig:
     allow_config_change: list[str] = field(default_factory=list)  # keys a resumed run may change knowingly
     verify_checkpoint: Literal["hash", "size", "none"] = "hash"  # manifest check before a checkpoint loads
     preempt_grace_s: float = 0.0  # SIGTERM: save only if it fits in this many seconds after the signal; 0: always save
+    # Ranks agree on a pending signal (a host all-reduce) every this many steps, and before every eval and save;
+    # 0: every step on the CPU, every 10 steps on CUDA (the agreement holds the host back from running ahead)
+    preempt_check_every: int = 0
+    gc_every: int = 50  # Python's garbage collector runs every this many steps, on every rank at once; 0: Python's own
     ema_decay: float = 0.0  # exponential moving average of the weights (MDLM: 0.9999), kept in checkpoints; 0: off
 
 
@@ -156,6 +160,12 @@ class ParallelConfig:
     async_tp: bool = False  # CUDA + tp > 1 + compile: overlap TP collectives with matmuls (symmetric memory)
     reduce_every_micro_batch: bool = False  # true: FSDP reduces gradients after every micro-batch (less memory)
     timeout_s: int = 0  # process-group timeout in seconds (collectives waiting longer fail); 0: torch's default
+    # NCCL only: after the first step (compilation, the first checkpoint load are over) collectives time out after
+    # this many seconds, so a hung rank is found in minutes, not after the long start-up timeout; 0: keep timeout_s
+    step_timeout_s: int = 300
+    # FSDP2 on one rank (a size-1 mesh) in fp32 too; on CUDA, and for bf16, the native engine always uses FSDP2's
+    # MixedPrecisionPolicy at every data-parallel degree (one precision path); this forces it on the CPU (tests)
+    fsdp_one_rank: bool = False
     flight_recorder: int = 0  # NCCL flight recorder: keep this many collective records, dumped on timeout; 0: off
     float8: bool = False  # CUDA (H100+) with torchao: float8 matmuls in the blocks' linear layers (head stays bf16)
     zero_stage: int = 1  # deepspeed only
@@ -205,6 +215,8 @@ class Config:
             (self.diffusion.ce_chunk < 0, f"diffusion.ce_chunk={self.diffusion.ce_chunk} must be >= 0 (rows of logits "
              "per cross-entropy chunk; 0: all at once)"),
             (self.parallel.timeout_s < 0, f"parallel.timeout_s={self.parallel.timeout_s} must be >= 0 (0: torch's default)"),
+            (self.parallel.step_timeout_s < 0, f"parallel.step_timeout_s={self.parallel.step_timeout_s} must be >= 0 "
+             "(0: keep parallel.timeout_s after the first step)"),
             (self.parallel.flight_recorder < 0, "parallel.flight_recorder must be >= 0 (records kept; 0: off)"),
             (self.parallel.float8 and (self.parallel.tp > 1 or self.parallel.engine != "native"),
              "parallel.float8=true runs with the native engine and data parallelism only (float8 tensor parallel "
@@ -225,6 +237,8 @@ class Config:
              "train.loss_spike_factor needs parallel.engine=native: DeepSpeed applies the update inside its own "
              "step, before the loss can be judged (its ZeRO stages still drop non-finite updates)"),
             (self.train.preempt_grace_s < 0, "train.preempt_grace_s must be >= 0 (0: always save on a signal)"),
+            (self.train.preempt_check_every < 0 or self.train.gc_every < 0,
+             "train.preempt_check_every and train.gc_every must be >= 0 (0: the default behaviour)"),
             (not 0 <= self.train.ema_decay < 1, f"train.ema_decay={self.train.ema_decay} must lie in [0, 1) (0: no "
              f"EMA; MDLM uses 0.9999)"),
             (self.train.ema_decay > 0 and self.parallel.engine == "deepspeed",
@@ -244,8 +258,9 @@ class Config:
         try:
             self.model.validate()
             # The objective checks its own settings and what it needs of the model (causal, time input, ...).
-            build_objective(self.diffusion, mask_id=self.model.mask_id,
-                            vocab_size=self.model.vocab_size).check_model(self.model)
+            objective = build_objective(self.diffusion, mask_id=self.model.mask_id, vocab_size=self.model.vocab_size)
+            objective.check_model(self.model)
+            objective.check_seq_len(self.data.seq_len)  # block diffusion: the block size must divide it
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

@@ -65,9 +65,12 @@ class Run:
 
     def __init__(self, cfg, data, layout: dict | None):
         self.cfg, self.data = cfg, data
+        # The objective's own parameters (genmd4's exponents) join the model before it is parallelized.
+        self.objective = build_objective(cfg.diffusion, mask_id=cfg.model.mask_id)
         if layout is None:  # the single-process reference, on every rank
             self.dims, self.mesh = ParallelDims(1, 1, 1, 1), None
             model = Transformer(cfg.model)
+            self.objective.init_modules(model)
             model.init_weights(seed=cfg.train.seed)
         else:
             cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp = layout["rep"], layout["shard"], layout["tp"]
@@ -78,6 +81,7 @@ class Run:
             self.mesh = build_mesh(self.dims, torch.device("cpu"))
             with torch.device("meta"):
                 model = Transformer(cfg.model)
+                self.objective.init_modules(model)
             model = parallelize(model, cfg.parallel, self.dims, self.mesh)
             model.to_empty(device="cpu")
             init_weights(model, seed=cfg.train.seed)
@@ -86,8 +90,9 @@ class Run:
         self.micro = (layout or {}).get("micro") or G // self.dp_size
         self.accum = G // (self.micro * self.dp_size)
         self.model = model
-        self.engine = NativeEngine(model, build_optimizer(model, cfg.optim), grad_clip=cfg.optim.grad_clip,
-                                   accum=self.accum, checkpointer=None)
+        optimizer = build_optimizer(model, cfg.optim, no_decay_prefixes=self.objective.no_decay_prefixes)
+        self.engine = NativeEngine(model, optimizer, grad_clip=cfg.optim.grad_clip, accum=self.accum,
+                                   checkpointer=None)
         self.last_grads, self.last_length = None, None
         real_step = self.engine.step
 
@@ -96,7 +101,6 @@ class Run:
             return real_step()
         self.engine.step = step_recording_grads
         self.loader = Loader(data.train, cfg.train.seed, self.dp_rank, self.dp_size)
-        self.objective = build_objective(cfg.diffusion, mask_id=cfg.model.mask_id)
 
     def params(self) -> dict[str, torch.Tensor]:
         return {clean_name(n): full(p.detach()) for n, p in self.model.named_parameters()}
@@ -185,8 +189,10 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def eval_checkpoint(out: Path, ckpt: Path, overrides: list[str], tag: str) -> None:
-    """Load a checkpoint into this process layout and compute the validation loss exactly as train does."""
+def load_here(out: Path, ckpt: Path, overrides: list[str]):
+    """A checkpoint loaded into this process layout, the model (with its objective's own parameters) first
+    initialised differently so the checkpoint must overwrite everything. Returns (cfg, data, engine, objective,
+    state, dp_rank, dp_size)."""
     from pretrain.engines.native import build_engine
     cfg = load_config(TINY, BASE + overrides)
     data = build_data(cfg.data, cfg.train.seed)
@@ -194,18 +200,35 @@ def eval_checkpoint(out: Path, ckpt: Path, overrides: list[str], tag: str) -> No
     dims = ParallelDims.from_config(cfg.parallel, world_size())
     mesh = build_mesh(dims, torch.device("cpu"))
     dp_rank, dp_size = dp_coordinates(mesh, dims)
+    objective = build_objective(cfg.diffusion, mask_id=cfg.model.mask_id, vocab_size=cfg.model.vocab_size)
     with torch.device("meta"):
         model = Transformer(cfg.model)
+        objective.init_modules(model)
     model = parallelize(model, cfg.parallel, dims, mesh)
     model.to_empty(device="cpu")
     init_weights(model, seed=12345)  # deliberately different: the checkpoint must overwrite everything
-    engine = build_engine(cfg, model, build_optimizer(model, cfg.optim), ckpt_dir=out / "unused", accum=1,
+    if hasattr(model, "noise_schedule"):
+        with torch.no_grad():
+            model.noise_schedule.w_hat.fill_(-3.0)  # genmd4's exponents too
+    optimizer = build_optimizer(model, cfg.optim, no_decay_prefixes=objective.no_decay_prefixes)
+    engine = build_engine(cfg, model, optimizer, ckpt_dir=out / "unused", accum=1,
                           micro=cfg.train.global_batch_size // dp_size, dp_size=dp_size, use_bf16=False)
     state = engine.load(ckpt)
+    return cfg, data, engine, objective, state, dp_rank, dp_size
+
+
+def validation_loss(cfg, data, engine, objective, dp_rank: int, dp_size: int) -> float:
+    """The validation loss exactly as train computes it."""
     import contextlib
-    val = evaluate(engine.model, cfg, next(iter(data.valid.values())), dp_rank=dp_rank, dp_size=dp_size,
-                   micro=cfg.train.global_batch_size // dp_size, device=torch.device("cpu"),
-                   autocast=contextlib.nullcontext())
+    return evaluate(engine.model, cfg, next(iter(data.valid.values())), dp_rank=dp_rank, dp_size=dp_size,
+                    micro=cfg.train.global_batch_size // dp_size, device=torch.device("cpu"),
+                    autocast=contextlib.nullcontext(), objective=objective)
+
+
+def eval_checkpoint(out: Path, ckpt: Path, overrides: list[str], tag: str) -> None:
+    """Load a checkpoint into this process layout and compute the validation loss exactly as train does."""
+    cfg, data, engine, objective, state, dp_rank, dp_size = load_here(out, ckpt, overrides)
+    val = validation_loss(cfg, data, engine, objective, dp_rank, dp_size)
     write_json(out, f"eval_{tag}.json", {"val_loss": val, "step": state["step"], "consumed": state["consumed"]})
 
 
@@ -626,7 +649,46 @@ def scenario_uniform(out: Path) -> None:
     write_json(out, "equivalence_uniform.json", report)
 
 
-SCENARIOS = {"perf": scenario_perf, "two": scenario_two, "four": scenario_four, "resume": scenario_resume, "async_kill": scenario_async_kill,
+GENMD4 = ["diffusion.objective=genmd4"]
+
+
+def genmd4_exponents(out: Path, ckpt: Path, overrides: list[str], tag: str) -> None:
+    """Load a genmd4 checkpoint into this process layout and record its exponents w = softplus(w_hat) and its
+    validation loss."""
+    cfg, data, engine, objective, state, dp_rank, dp_size = load_here(out, ckpt, overrides)
+    w = torch.nn.functional.softplus(full(engine.model.noise_schedule.w_hat))
+    val = validation_loss(cfg, data, engine, objective, dp_rank, dp_size)
+    write_json(out, f"genmd4_{tag}.json", {"w": w.tolist(), "val_loss": val, "step": state["step"],
+                                            "mask_id": cfg.model.mask_id})
+
+
+def scenario_genmd4(out: Path) -> None:
+    """4 processes: genmd4 (learned per-token exponents, two masks per t with RLOO) in DP2 x TP2, with and
+    without accumulation and full activation checkpointing, in lock-step with the unsharded reference (the
+    exponents' gradients included). Then a DP2 x TP2 training run that checkpoints at step 4 of 8: its
+    checkpoint loaded at DP2 x TP2 and at DP4 (exponents and validation loss), and the run resumed at DP4."""
+    equivalence(out, [{"name": "dp2_tp2", "rep": 1, "shard": 2, "tp": 2},
+                      {"name": "dp2_tp2_accum2_ac_full", "rep": 1, "shard": 2, "tp": 2, "micro": 2, "ac": "full"}],
+                steps=3, overrides=GENMD4, tag="genmd4")
+    # Step 0 of the unsharded reference by hand: the NELBO and the differentiated surrogate (NELBO + REINFORCE).
+    cfg = load_config(TINY, BASE + GENMD4)
+    data = build_data(cfg.data, 0)
+    resolve_model(cfg, data)
+    ref = Run(cfg, data, None)
+    G, L = cfg.train.global_batch_size, cfg.data.seq_len
+    x0, doc = ref.loader.micro_batch(0, G, G, 0)
+    surrogate, stats = ref.objective.micro_loss(ref.model, x0, ref.objective.draw(cfg.train.seed, 0, G, L), doc,
+                                                ce_chunk=cfg.diffusion.ce_chunk)
+    write_json(out, "genmd4_step0.json", {"nelbo": float(stats["nelbo"]), "surrogate": float(surrogate)})
+    train_run(out, "genmd4", CKPT_RUN + GENMD4 + ["parallel.dp_shard=2", "parallel.tp=2", "train.stop_after=4"])
+    ckpt = out / "genmd4" / "checkpoints" / "step_00000004"
+    genmd4_exponents(out, ckpt, GENMD4 + ["parallel.dp_shard=2", "parallel.tp=2"], "dp2_tp2")
+    genmd4_exponents(out, ckpt, GENMD4 + ["parallel.dp_shard=4"], "dp4")
+    copy_run(out / "genmd4", out / "genmd4_dp4")
+    train_run(out, "genmd4_dp4", CKPT_RUN + GENMD4 + ["parallel.dp_shard=4"])
+
+
+SCENARIOS = {"genmd4": scenario_genmd4, "perf": scenario_perf, "two": scenario_two, "four": scenario_four, "resume": scenario_resume, "async_kill": scenario_async_kill,
              "async_resume": scenario_async_resume, "deepspeed": scenario_deepspeed, "time_cond": scenario_time_cond,
              "block": scenario_block, "uniform": scenario_uniform}
 

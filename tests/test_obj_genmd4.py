@@ -48,6 +48,25 @@ def test_config_is_validated_and_the_exponents_start_linear_after_init_weights()
     assert obj.no_decay_prefixes == ("noise_schedule.",)
 
 
+@pytest.mark.parametrize("samples", [1, 2])
+def test_frozen_exponents_are_the_md4_ablation(samples):
+    """genmd4.learn_exponents=false: w stays power_init (no gradient, no REINFORCE), the same NELBO on the same
+    noise as the learned objective at its initialisation: md4 issue 4's MD4 poly-k with 1 or 2 masks per t."""
+    dcfg = DiffusionConfig(objective="genmd4", genmd4=GenMD4Config(samples_per_t=samples, learn_exponents=False))
+    frozen, learned = build_objective(dcfg, mask_id=MASK), objective(samples=samples)
+    model = tiny_model(seed=2)
+    frozen.init_modules(model)
+    assert not model.noise_schedule.w_hat.requires_grad
+    x0 = torch.randint(0, V, (4, 8), generator=torch.Generator().manual_seed(1))
+    noise = frozen.draw(0, 3, 4, 8)
+    loss, stats = frozen.micro_loss(model, x0, noise)
+    loss.backward()
+    assert model.noise_schedule.w_hat.grad is None
+    torch.testing.assert_close(loss, stats["nelbo"])  # no REINFORCE term: the loss is the NELBO
+    _, ref = learned.micro_loss(model, x0, noise)
+    torch.testing.assert_close(stats["nelbo"], ref["nelbo"])
+
+
 class Subs(torch.nn.Module):
     """The transformer with its mask logit removed (SUBS, as GenMD4's V-way output), for either loss path."""
 

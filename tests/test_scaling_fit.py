@@ -114,15 +114,22 @@ def test_repeat_fit_recovers_half_life_and_effective_data_limits():
     assert abs(math.log(fit["r_star"] / r_star)) < 0.3
 
 
-def test_analyse_writes_json_markdown_and_figures(tmp_path):
-    rng = np.random.default_rng(7)
+def planted_sweep(shifts: dict, seed: int) -> list[dict]:
+    """Index rows of an IsoFLOP sweep with a planted law per objective: loss shift + 5 C^-0.05 + a parabola in
+    log N around N_opt = 0.1 C^0.5, 4 sizes at each of 3 budgets."""
+    rng = np.random.default_rng(seed)
     rows = []
-    for obj, shift in (("ar", 0.0), ("mdm", 0.3)):
+    for obj, shift in shifts.items():
         for C in (1e12, 1e13, 1e14):
             n0 = 0.1 * C ** 0.5
             Ns = n0 * np.geomspace(1 / 4, 4, 4)
             L = shift + 5.0 * C ** -0.05 + 0.05 * np.log(Ns / n0) ** 2 + rng.normal(0, 0.002, 4)
             rows += _rows(Ns, C / (6 * Ns), [C] * 4, L, [0.002] * 4, [C] * 4, objective=obj)
+    return rows
+
+
+def test_analyse_writes_json_markdown_and_figures(tmp_path):
+    rows = planted_sweep({"ar": 0.0, "mdm": 0.3}, seed=7)
     d = tmp_path / "sweep"
     d.mkdir()
     (d / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -24,13 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = ROOT / "launch" / "local_slurm.sh"
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 
+SBIN_PATH = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin" + os.pathsep + "/sbin"  # Debian: daemons
 pytestmark = [pytest.mark.slurm,
-              pytest.mark.skipif(shutil.which("slurmctld") is None,
+              pytest.mark.skipif(shutil.which("slurmctld", path=SBIN_PATH) is None,
                                  reason="slurmctld is not installed (apt-get install -y slurm-wlm munge; .ci/run "
                                         "installs them when missing)")]
 
-STEPS = 40
-# configs/tiny.yaml, 40 steps, a checkpoint every 10, every step logged; no sampling, plot or FLOP/s probe.
+STEPS = 60
+# configs/tiny.yaml, 60 steps (room for a signal's latency on a fast machine), a checkpoint every 10, every step logged; no sampling, plot or FLOP/s probe.
 TRAIN = [f"train.steps={STEPS}", "train.save_every=10", "train.eval_every=1000", "train.log_every=1",
          "train.samples=0", "train.peak_flops=1e11", "logging.plot=false", "logging.progress_bar=false"]
 KILL_WAIT = 15  # the cluster's KillWait and the jobs' --kill-wait
@@ -142,12 +143,12 @@ def text(*paths: Path) -> str:
 class Job:
     """A job written by python -m launch.slurm in a fresh folder (its logs/ made by launch.slurm) and submitted."""
 
-    def __init__(self, cluster: Cluster, tmp: Path, name: str, *overrides: str):
+    def __init__(self, cluster: Cluster, tmp: Path, name: str, *overrides: str, prepare: bool = True):
         self.cluster, self.tmp, self.name = cluster, tmp, name
         gen = subprocess.run([sys.executable, "-m", "launch.slurm", "--nodes", "2", "--cpu", "--cpus-per-task", "1",
                               "--config", CONFIG, "--name", name, "--out-dir", str(tmp / "runs"), "--python",
                               sys.executable, "--port", str(cluster.port), "--kill-wait", str(KILL_WAIT),
-                              "--time", "00:15:00", *TRAIN, *overrides],
+                              "--time", "00:15:00", *([] if prepare else ["--no-prepare"]), *TRAIN, *overrides],
                              cwd=tmp, env=cluster.env, capture_output=True, text=True, timeout=120)
         assert gen.returncode == 0, gen.stderr
         assert (tmp / "logs").is_dir()  # made by launch.slurm, before sbatch
@@ -209,10 +210,11 @@ def test_two_nodes_train_to_the_end_equal_to_torchrun(cluster, reference, tmp_pa
     assert "world 2 (dp 2, tp 1)" in job.node_logs()[ranks.index(0)]
     assert f"[rank0]:step     {STEPS}/{STEPS} | loss" in job.node_logs()[ranks.index(0)]
     assert f"job {job.id} (restart 0) on 2 nodes" in job.batch_log()
+    assert "nothing to prepare (data.kind=synthetic)" in job.batch_log()  # the preparation step ran, once
 
 
 def test_sigusr1_saves_requeues_and_resumes_to_the_same_curve(cluster, reference, tmp_path):
-    job = Job(cluster, tmp_path, "usr1")
+    job = Job(cluster, tmp_path, "usr1", prepare=False)  # (the two-node test runs the preparation step)
     job.wait_steps(12)
     cluster.run("scancel", "--signal=USR1", "--full", job.id)  # every process of every step, the batch shell too
     job.wait(lambda i: i.get("Restarts") == "1", "the requeue")
@@ -234,30 +236,31 @@ def test_sigusr1_saves_requeues_and_resumes_to_the_same_curve(cluster, reference
 
 def test_sigterm_within_kill_wait_keeps_the_previous_checkpoint_and_resumes(cluster, reference, tmp_path):
     # train.preempt_grace_s below any save time stands for a save longer than KillWait: the no-save branch.
-    job = Job(cluster, tmp_path, "term", "train.preempt_grace_s=0.001")
+    job = Job(cluster, tmp_path, "term", "train.preempt_grace_s=0.001", prepare=False)
     job.wait_steps(12)
     t0 = time.time()
     cluster.run("scontrol", "requeue", job.id)  # what PreemptMode=REQUEUE does: SIGTERM, KillWait, SIGKILL, requeue
     deadline = t0 + KILL_WAIT + 60
-    while job_processes(job.id):  # the requeued job is held for 11 s (cred_expire + 1): only attempt 1 is here
+    while job_processes(job):  # the requeued job is held for 11 s (cred_expire + 1): only attempt 1 is here
         assert time.time() < deadline, job.logs()
         time.sleep(0.1)
     ended = time.time() - t0
     assert ended < KILL_WAIT, f"the job needed {ended:.0f} s to stop: past KillWait ({KILL_WAIT} s), SIGKILLed"
     ran = max(logged_steps(job.run_dir))
+    previous = (ran - 1) // 10 * 10  # the last regular checkpoint before the step it stopped at
     latest = checkpoint_steps(job.run_dir)
     marker = read_marker(job)
     assert job.cluster.job(job.id)["Restarts"] == "1"
-    assert latest == [10] and ran > 10, (latest, ran)  # no save: the previous checkpoint stays the latest
+    assert 12 <= ran < STEPS and latest[-1] == previous, (latest, ran)  # no save: the previous one stays latest
     if marker is not None:
-        assert marker.startswith("SIGTERM\nno time to save") and "resume from step_00000010" in marker
+        assert marker.startswith("SIGTERM\nno time to save") and f"resume from step_{previous:08d}" in marker
     job.done()
     logs = "".join(job.node_logs())
-    assert "no time to save, step_00000010 stays latest, exiting for requeue" in logs, job.logs()
-    assert "resumed at step 10" in logs
+    assert f"no time to save, step_{previous:08d} stays latest, exiting for requeue" in logs, job.logs()
+    assert f"resumed at step {previous}" in logs
     assert f"job {job.id} (restart 1) on 2 nodes" in job.batch_log()
     steps = logged_steps(job.run_dir)
-    assert steps == list(range(1, ran + 1)) + list(range(11, STEPS + 1))  # steps 11..ran ran again
+    assert steps == list(range(1, ran + 1)) + list(range(previous + 1, STEPS + 1))  # those steps ran again
     assert_same_training(job.run_dir, reference, job.logs())
 
 
@@ -271,8 +274,9 @@ def read_marker(job: Job):
         return None
 
 
-def job_processes(job_id: str) -> list[tuple[int, str]]:
-    """(pid, command line) of this job's processes (their environment names the job)."""
+def job_processes(job: Job) -> list[tuple[int, str]]:
+    """(pid, command line) of this job's processes (their environment names the job and this cluster)."""
+    want = {f"SLURM_JOB_ID={job.id}".encode(), f"SLURM_CONF={job.cluster.env['SLURM_CONF']}".encode()}
     out = []
     for env_file in Path("/proc").glob("[0-9]*/environ"):
         try:
@@ -280,23 +284,27 @@ def job_processes(job_id: str) -> list[tuple[int, str]]:
             cmd = (env_file.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if f"SLURM_JOB_ID={job_id}".encode() in env:
+        if want <= set(env):
             out.append((int(env_file.parent.name), cmd))
     return out
 
 
 def test_worker_crash_is_restarted_by_torchrun_from_the_latest_checkpoint(cluster, reference, tmp_path):
-    job = Job(cluster, tmp_path, "crash")
+    job = Job(cluster, tmp_path, "crash", prepare=False)
     job.wait_steps(12)
-    workers = [pid for pid, cmd in job_processes(job.id)
+    workers = [pid for pid, cmd in job_processes(job)
                if " -m pretrain " in cmd and "torch.distributed.run" not in cmd and not cmd.startswith("bash")]
-    assert len(workers) == 2, job_processes(job.id)
+    assert len(workers) == 2, job_processes(job)
     os.kill(random.choice(workers), signal.SIGKILL)
     info = job.done()
     assert info["Restarts"] == "0"  # torchrun restarted the workers; slurm did not requeue the job
     logs = "".join(job.node_logs())
     assert "restart_count=1" in logs, job.logs()
-    assert "resumed at step 10" in logs
+    resumed = int(re.search(r"resumed at step (\d+)", logs).group(1))  # the latest checkpoint at the crash
+    assert resumed % 10 == 0 and 10 <= resumed < STEPS
+    steps = logged_steps(job.run_dir)
+    crashed = next((steps[i - 1] for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), resumed)
+    assert steps == list(range(1, crashed + 1)) + list(range(resumed + 1, STEPS + 1))
     assert_same_training(job.run_dir, reference, job.logs())
 
 

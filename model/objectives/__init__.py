@@ -10,7 +10,7 @@ from .schedules import (SCHEDULES, CosAlphaSchedule, CosineSchedule, LinearSched
                         get_schedule)
 
 # Registration: importing a module registers its objective.
-from . import mdm, ar, genmd4, block, uniform, hybrid  # noqa: E402,F401  isort: skip
+from . import mdm, ar, genmd4, block, uniform, hybrid, sedd, d3pm, dfm  # noqa: E402,F401  isort: skip
 
 __all__ = ["OBJECTIVES", "CosAlphaSchedule", "CosineSchedule", "DiffusionConfig", "LinearSchedule", "PolySchedule",
             "EvalDraw", "Noised", "Objective", "SCHEDULES", "Schedule", "StepNoise",

@@ -21,13 +21,13 @@ def ar_loss(model, x0: torch.Tensor, doc_ids: Optional[torch.Tensor] = None, ce_
 
 
 def next_token_batch(x0: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> Noised:
-    predicts = torch.ones_like(x0, dtype=torch.bool)
-    predicts[:, -1] = False  # the last position predicts nothing
-    return Noised(x0=x0, xt=x0, at=predicts, targets=x0[:, 1:].reshape(-1), doc_ids=doc_ids)
+    # Every position but the last predicts the next token: a slice, not a boolean mask (no copy, no sync).
+    return Noised(x0=x0, xt=x0, at=slice(0, -1), targets=x0[:, 1:].reshape(-1), doc_ids=doc_ids)
 
 
 def _next_token_loss(model, batch: Noised, *, ce_chunk: int = 0):
-    ce = model(batch.xt, doc_ids=batch.doc_ids, logits_at=batch.at, targets=batch.targets, ce_chunk=ce_chunk)
+    ce = model(batch.xt, doc_ids=batch.doc_ids, logits_at=batch.at, targets=batch.targets, ce_chunk=ce_chunk,
+               mask_known=batch.mask_known)
     return ce.mean(), {}
 
 

@@ -109,7 +109,11 @@ class Noised:
     xt: (B, L) model input; t: (B,) noise level the network is conditioned on (None without time
     conditioning); at: where logits are needed (a (B, L) bool mask, row-major; None: every position);
     targets/weights: per selected position (objective-defined); doc_ids: document ids of packed data;
-    extra: anything else the objective's loss needs (per-row tensors)."""
+    extra: anything else the objective's loss needs (per-row tensors).
+
+    `to(device)` also computes, on the host, `index`: the flat row-major positions of `at`, which the network
+    takes instead of the boolean mask (boolean indexing on an accelerator waits for the device). `mask_known`:
+    the training step checked on the host that doc_ids, when given, separates documents (no device check)."""
     x0: torch.Tensor
     xt: torch.Tensor
     t: Optional[torch.Tensor] = None
@@ -118,13 +122,23 @@ class Noised:
     weights: Optional[torch.Tensor] = None
     doc_ids: Optional[torch.Tensor] = None
     extra: dict = field(default_factory=dict)
+    index: Optional[torch.Tensor] = None
+    mask_known: bool = False
 
     def to(self, device, non_blocking: bool = True) -> "Noised":
         def move(v):
             return v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)
-                                            if f.name != "extra"},
-                                   extra={k: move(v) for k, v in self.extra.items()})
+        out = self
+        if self.index is None and isinstance(self.at, torch.Tensor) and self.at.dtype == torch.bool \
+                and self.at.device.type == "cpu":
+            out = dataclasses.replace(self, index=self.at.flatten().nonzero().squeeze(1))
+        return dataclasses.replace(out, **{f.name: move(getattr(out, f.name)) for f in dataclasses.fields(out)
+                                           if f.name != "extra"},
+                                   extra={k: move(v) for k, v in out.extra.items()})
+
+    def selected(self):
+        """Where the network computes logits: the host-computed flat index when there is one, else `at`."""
+        return self.index if self.index is not None else self.at
 
 
 def pad(rows: list[torch.Tensor], fill, device, length: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,11 +199,17 @@ class Objective(abc.ABC):
 
     # -- learned parameters of the objective itself (optional)
     no_decay_prefixes: ClassVar[tuple[str, ...]] = ()  # parameter-name prefixes the optimizer never decays
+    logged_stats: ClassVar[tuple[str, ...]] = ()  # keys of loss()'s stats the trainer logs with each step line
 
     def init_modules(self, model) -> None:
         """Attach the objective's own learned parameters to the model as submodules (e.g. GenMD4's per-token
         exponents as `model.noise_schedule`), before the model is parallelized, loaded or handed to the
         optimizer, so training, FSDP/TP and checkpoints treat them like every other parameter. Default: none."""
+
+    def for_validation(self) -> "Objective":
+        """The objective whose loss the trainer's validation logs as the bound: itself, unless training uses a
+        biased surrogate (block diffusion's clipped noise interval validates with the unbiased (eps, 1))."""
+        return self
 
     def check_seq_len(self, seq_len: int) -> None:
         """Raise ValueError when the objective cannot train on sequences of this length (block diffusion: the

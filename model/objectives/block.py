@@ -210,6 +210,15 @@ class BlockDiffusion(Objective):
             raise ValueError("diffusion.objective=block has one noise level per block, not per row: set "
                              "model.time_conditioning=none (BD3-LM is not time-conditioned)")
 
+    def for_validation(self) -> "BlockDiffusion":
+        """The same objective with the unbiased interval (eps, 1): what validation logs as the bound."""
+        if self.t_min == self.eps and self.t_max == 1.0:
+            return self
+        import copy
+        unbiased = copy.copy(self)
+        unbiased.t_min, unbiased.t_max = self.eps, 1.0
+        return unbiased
+
     def check_seq_len(self, seq_len: int) -> None:
         if seq_len % self.block_size:
             raise ValueError(f"diffusion.block_size={self.block_size} must divide data.seq_len={seq_len}: pick a "

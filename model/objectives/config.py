@@ -11,6 +11,7 @@ class GenMD4Config:
     samples_per_t: int = 2  # masks drawn per t and averaged (2: GenMD4's leave-one-out REINFORCE; 1: md4 issue 4)
     mask_eps: float = 1e-4  # alpha_v(t) = 1 - (1 - mask_eps) t^{w_v}: a little signal left at t = 1 (md4's eps)
     power_init: float = 1.0  # every w_v starts here (1: the linear schedule)
+    learn_exponents: bool = True  # false: w stays power_init (MD4's poly-k with GenMD4's 1 or 2 masks per t)
 
 
 @dataclass
@@ -25,6 +26,7 @@ class DiffusionConfig:
     uniform_frac: float = 0.5  # hybrid: GIDD's p_u, the uniform share of the noise at alpha = 1/2 (0: mdm, 1: uniform)
     hybrid_weighting: Literal["elbo", "gidd"] = "elbo"  # hybrid: train on the ELBO, or GIDD's clipped loss weights
     beta_is_div: float = 1.0  # hybrid_weighting=gidd: weight of GIDD's IS-divergence term
+    row_chunk: int = 1024  # uniform/hybrid: rows per chunk of the full-vocabulary row loss (0: ce_chunk)
     noise_removal: Literal["ancestral", "greedy", "none"] = "ancestral"  # uniform/hybrid samplers: the last step
     psi_kappa: float = 1.0  # uniform/hybrid sampler "psi": kappa of the Psi step (1: ancestral)
     self_correct_steps: int = 0  # uniform/hybrid samplers: GIDD self-correction rounds after denoising
@@ -33,4 +35,21 @@ class DiffusionConfig:
     block_t_min: float = 0.0  # training noise interval [t_min, t_max] (BD3-LM's clipping); 0: diffusion.eps
     block_t_max: float = 1.0  # the weight stays 1/t; the logged bound always uses (eps, 1)
     block_keep_first: bool = False  # the bd3lms protocol: position 0 (BOS) is never masked and never scored
+    # objective=sedd (model/objectives/sedd.py) and d3pm (model/objectives/d3pm.py)
+    graph: Literal["absorb", "uniform"] = "absorb"  # sedd/d3pm: absorbing (mask) or uniform transitions
+    sedd_noise: Literal["loglinear", "geometric"] = "loglinear"  # sedd: sigma(t) (SEDD's noise_lib)
+    sedd_noise_eps: float = 1e-3  # sedd loglinear: 1 - e^{-sigma} = (1 - e) t
+    sigma_min: float = 1e-4  # sedd geometric: sigma = sigma_min^{1-t} sigma_max^t
+    sigma_max: float = 20.0
+    scale_by_sigma: bool = True  # sedd absorb: s = f - log(e^sigma - 1) - log N (SEDD's default)
+    sedd_predictor: Literal["analytic", "euler"] = "analytic"  # sedd sampler (then SEDD's Denoiser)
+    d3pm_steps: int = 1000  # d3pm: T, the number of discrete steps
+    d3pm_schedule: Literal["standard", "linear", "cosine"] = "standard"  # standard: beta_t = 1/(T - t + 1)
+    d3pm_beta_min: float = 1e-3  # d3pm linear: beta from beta_min to beta_max (D3PM's defaults)
+    d3pm_beta_max: float = 0.2
+    hybrid_lambda: float = -1.0  # d3pm: weight of the hybrid CE (-1: 0.01 absorb, 0 uniform, as D3PM)
+    # objective=dfm (model/objectives/dfm.py)
+    source: Literal["mask", "uniform"] = "mask"  # dfm: the source distribution of the mixture path
+    kappa_exponent: float = 1.0  # dfm: polynomial scheduler kappa = s^n (s: DFM's time, 1 - t)
+    dfm_loss: Literal["generalized_kl", "cross_entropy"] = "generalized_kl"  # cross_entropy is not a bound
     genmd4: GenMD4Config = field(default_factory=GenMD4Config)  # objective=genmd4 only

@@ -148,6 +148,7 @@ class GenMD4(Objective):
     eval_methods = ("t", "mdlm")
     summary = "absorbing noise with learned per-token schedules 1 - t^{w_v}; full-row loss + RLOO for w"
     no_decay_prefixes = (MODULE_NAME + ".",)
+    logged_stats = ("w_min", "w_mean", "w_max")
 
     def __init__(self, dcfg, *, mask_id=None, vocab_size=None):
         super().__init__(dcfg, mask_id=mask_id, vocab_size=vocab_size)
@@ -163,7 +164,8 @@ class GenMD4(Objective):
             raise ValueError(f"diffusion.eps={dcfg.eps} is GenMD4's t1 and must be in (0, 1) (md4: 1e-3)")
         self.samples_per_t, self.mask_eps, self.power_init = g.samples_per_t, g.mask_eps, g.power_init
         self.eps = dcfg.eps
-        self.reinforce = True  # tests switch it off (the negative control of the gradient test)
+        self.learn = bool(g.learn_exponents)
+        self.reinforce = self.learn  # tests switch it off (the negative control of the gradient test)
         self.module: Optional[VocabExponents] = None
 
     # -- the learned parameters
@@ -177,6 +179,8 @@ class GenMD4(Objective):
         if not hasattr(model, MODULE_NAME):
             setattr(model, MODULE_NAME, VocabExponents(model.cfg.vocab_size, self.power_init))
         self.module = getattr(model, MODULE_NAME)
+        if not self.learn:  # the ablation: MD4's poly-(power_init) schedule, frozen, with 1 or 2 masks per t
+            self.module.w_hat.requires_grad_(False)
 
     def exponents(self, model=None) -> torch.Tensor:
         """w (V,) fp32: the model's (through its module, so FSDP gathers it), or the attached module's."""
@@ -358,30 +362,3 @@ def unmask_order(w: torch.Tensor, decode, k: int = 20, mask_id: Optional[int] = 
     order = sorted(ids, key=lambda i: -float(w[i]))
     name = lambda i: (repr(decode([i])), float(w[i]))  # noqa: E731
     return [name(i) for i in order[:k]], [name(i) for i in order[-k:][::-1]]
-
-
-def main(argv=None) -> None:
-    """python -m model.objectives.genmd4 RUN_OR_CHECKPOINT [-k 20]: the tokens GenMD4 unmasks first and last."""
-    import argparse
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("ckpt")
-    ap.add_argument("-k", type=int, default=20)
-    args = ap.parse_args(argv)
-    from eval.load import load
-    loaded = load(args.ckpt)
-    module = exponents_module(loaded.model)
-    tok = loaded.tokenizer
-    first, last = unmask_order(module(), tok.decode, args.k, mask_id=tok.mask_id,
-                               n_real=getattr(tok, "vocab_size", None))
-    w = module().detach()
-    print(f"w over {w.numel()} entries: min {float(w.min()):.3f} mean {float(w.mean()):.3f} max {float(w.max()):.3f}")
-    print("unmask first (largest w):")
-    for s, v in first:
-        print(f"  {v:7.3f}  {s}")
-    print("unmask last (smallest w):")
-    for s, v in last:
-        print(f"  {v:7.3f}  {s}")
-
-
-if __name__ == "__main__":
-    main()

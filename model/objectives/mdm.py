@@ -64,7 +64,8 @@ def masked_loss(model, batch: Noised, *, ce_chunk: int = 0, time_conditioned: bo
     (N_masked, V) logits need never exist whole."""
     B, L = batch.x0.shape
     kw = {"t": batch.t} if time_conditioned else {}
-    ce = model(batch.xt, doc_ids=batch.doc_ids, logits_at=batch.at, targets=batch.targets, ce_chunk=ce_chunk, **kw)
+    ce = model(batch.xt, doc_ids=batch.doc_ids, logits_at=batch.selected(), targets=batch.targets, ce_chunk=ce_chunk,
+               mask_known=batch.mask_known, **kw)
     loss = (ce * batch.weights).sum() / (B * L)
     return loss, {"masked_frac": batch.at.float().mean().detach(),
                   "ce_masked": ce.detach().mean() if ce.numel() else torch.zeros((), device=batch.x0.device)}

@@ -159,6 +159,7 @@ class UniformDiffusion(Objective):
     logits_at = "all"
     eval_methods = ("t", "mdlm")
     summary = "uniform noise; DUO's closed-form NELBO at every position; time-conditioned"
+    row_loss_bytes = 30  # launch.plan: bytes per vocabulary entry of a chunk of the row loss (its temporaries)
 
     def __init__(self, dcfg, *, mask_id=None, vocab_size=None):
         super().__init__(dcfg, mask_id=mask_id, vocab_size=vocab_size)
@@ -171,6 +172,12 @@ class UniformDiffusion(Objective):
             raise ValueError(f"diffusion.psi_kappa={dcfg.psi_kappa} must be in [0, 1] (1: the ancestral step)")
         if int(getattr(dcfg, "self_correct_steps", 0)) < 0:
             raise ValueError(f"diffusion.self_correct_steps={dcfg.self_correct_steps} must be >= 0")
+
+    def chunk(self, ce_chunk: int) -> int:
+        """Rows of full-vocabulary logits per chunk: diffusion.row_chunk (its temporaries take about 3x the
+        bytes per entry of a cross-entropy chunk), or ce_chunk when row_chunk is 0."""
+        rc = int(getattr(self.cfg, "row_chunk", 0))
+        return min(rc, ce_chunk) if rc > 0 and ce_chunk > 0 else (rc or ce_chunk)
 
     # -- vocabulary
     @property
@@ -229,7 +236,7 @@ class UniformDiffusion(Objective):
     def loss(self, model, batch: Noised, *, ce_chunk: int = 0):
         B, L = batch.x0.shape
         per = model(batch.xt, doc_ids=batch.doc_ids, t=batch.t, row_loss=self.row_loss(batch, batch.t),
-                    ce_chunk=ce_chunk)
+                    ce_chunk=self.chunk(ce_chunk))
         loss = per.sum() / (B * L)
         return loss, {"noised_frac": (batch.xt != batch.x0).float().mean().detach(),
                       "prior": torch.tensor(self.prior_nats())}

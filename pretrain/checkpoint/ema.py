@@ -42,8 +42,9 @@ class EMA:
     def update(self) -> None:
         w = 1.0 - self.current_decay()
         self.updates += 1
-        for name, p in self.params.items():
-            self.shadow[name].lerp_(p.detach(), w)
+        # One fused update over the local shards (a DTensor per parameter would cost a dispatch each).
+        names = list(self.params)
+        torch._foreach_lerp_([_local(self.shadow[n]) for n in names], [_local(self.params[n].detach()) for n in names], w)
 
     def state_dict(self) -> dict:
         """The DCP entry: loaded in place, so the same dict serves saving and loading."""
@@ -75,6 +76,10 @@ class EMA:
         for name, p in self.params.items():
             self.shadow[name].copy_(p.detach())
         self.updates = 0
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def checkpoint_has_ema(path: Path) -> bool:

@@ -20,6 +20,7 @@ The model file knows none of this. Two things cross the boundary and live here:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -81,12 +82,14 @@ class ParallelDims:
                                  f"each tp rank an equal slice; pick a tp that divides it")
 
 
-def init_distributed(device_pref: str = "auto", *, timeout_s: int = 0, flight_recorder: int = 0
-                     ) -> tuple[int, int, torch.device]:
+def init_distributed(device_pref: str = "auto", *, timeout_s: int = 0, flight_recorder: int = 0,
+                     one_rank_group: Optional[bool] = None) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (if any). Returns (rank, world_size, device).
     timeout_s: how long a collective may wait before it fails (0: torch's default, 10 minutes for NCCL).
     flight_recorder: NCCL keeps the last N collectives per rank and dumps them (to TORCH_FR_DUMP_TEMP_FILE,
-    default /tmp/nccl_trace_rank_<r>) when a collective times out: which rank stopped where."""
+    default /tmp/nccl_trace_rank_<r>) when a collective times out: which rank stopped where.
+    one_rank_group: a single process still gets a (1-rank) process group, so FSDP2 can shard over a size-1
+    mesh; None: on CUDA (the one precision path, see uses_fsdp)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -100,9 +103,13 @@ def init_distributed(device_pref: str = "auto", *, timeout_s: int = 0, flight_re
         os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", str(flight_recorder))
         os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
         os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", "/tmp/nccl_trace_rank_")
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
     if world > 1 and not dist.is_initialized():
-        kwargs = {"timeout": __import__("datetime").timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
         dist.init_process_group("nccl" if use_cuda else "gloo", **kwargs)
+    elif world == 1 and not dist.is_initialized() and (use_cuda if one_rank_group is None else one_rank_group):
+        # No torchrun rendezvous to read: an in-process store serves the one rank.
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                **kwargs)
     return rank, world, device
 
 
@@ -122,7 +129,8 @@ def cpu_group(purpose: str):
 
 
 def build_mesh(dims: ParallelDims, device: torch.device):
-    if dims.world_size == 1:
+    """The (dp_replicate, dp_shard, tp) mesh; None for one process without a process group (plain PyTorch)."""
+    if dims.world_size == 1 and not dist.is_initialized():
         return None
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (dims.dp_replicate, dims.dp_shard, dims.tp),
@@ -203,6 +211,12 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
     if conditioned:
         _replicate_conditioning(model.time_embed, tp_mesh, sequence_shard=False)
         _replicate_conditioning(model.final_modulation, tp_mesh, sequence_shard=False)
+    if hasattr(model, "noise_schedule"):
+        # An objective's own parameters (genmd4's per-token exponents, read by calling the module outside the
+        # model's forward) are replicated on the tp ranks: every rank computes the same loss rows from the
+        # gathered logits, so their gradient is already the full one on each (Replicate, no reduction).
+        from torch.distributed.tensor import distribute_module
+        distribute_module(model.noise_schedule, tp_mesh)
 
 
 def _replicate_conditioning(module: nn.Module, tp_mesh, *, sequence_shard: bool) -> None:
@@ -310,6 +324,9 @@ def _saved_ops() -> set:
     for name in ("_c10d_functional.reduce_scatter_tensor.default",):  # TP: no second reduce-scatter in recompute
         ns, op, overload = name.split(".")
         ops.add(getattr(getattr(getattr(torch.ops, ns), op), overload))
+    ops.add(aten.max.default)  # float8's amax: recomputing it would change the scales
+    from model.attention import flex_sac_ops
+    ops |= flex_sac_ops()  # the flex HOP (compiled blocks) and the compiled flex region (eager blocks)
     return ops
 
 
@@ -335,7 +352,9 @@ def apply_compile(model: nn.Module) -> None:
     with tensor parallelism: the sequence gather is a parallel style (PrepareModuleInput) that dynamo traces
     into the block's graph, and the embedding's asynchronous output is settled before the first block."""
     for block in model.layers:
-        block.compile(fullgraph=False, backend=COMPILE_BACKEND)
+        # fullgraph: a graph break inside a block (e.g. a lazily created kernel) fails loudly instead of
+        # silently splitting the graph and adding a guard-triggered recompile on the next step.
+        block.compile(fullgraph=True, backend=COMPILE_BACKEND)
 
 
 def enable_async_tp(tp_mesh) -> None:
@@ -374,7 +393,8 @@ def apply_float8(model: nn.Module) -> None:
 def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: Optional[torch.dtype], reshard: str = "default") -> None:
     """torchtitan's units: the embedding, each block, [final norm + output head] together, then the root
     (which then holds no parameters, or with time conditioning the time embedding and the final norm's
-    modulation; each block's modulation is in its block's unit). Parameters are gathered per unit just in time
+    modulation; each block's modulation is in its block's unit; an objective's own parameters, genmd4's
+    exponents, are an fp32 unit kept gathered after its forward). Parameters are gathered per unit just in time
     in `param_dtype` and gradients reduce-scattered in fp32, each unit's reduce-scatter overlapping the
     backward of the next.
 
@@ -393,10 +413,18 @@ def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: Optional[torch.dtype], re
     for i, block in enumerate(model.layers):
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=body if i < n - 1 else tail)
     fully_shard([model.norm, model.output], mesh=dp_mesh, mp_policy=mp, reshard_after_forward=tail)
+    schedule = getattr(model, "noise_schedule", None)  # genmd4's exponents: a unit of their own, always fp32
+    if schedule is not None:
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        fully_shard(schedule, mesh=dp_mesh, mp_policy=fp32, reshard_after_forward=False)
     # The root leaves its forward inputs as they are: the noise level t of a time-conditioned model stays fp32
     # for its sinusoidal embedding (bf16 would round 1000 t by up to 4); the other inputs are integer/boolean.
     root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     fully_shard(model, mesh=dp_mesh, mp_policy=root_mp, reshard_after_forward=body)
+    if schedule is not None:
+        # The objective calls this unit before the model's forward (the masks depend on w). FSDP2 takes the
+        # first unit to run forward as the root, so the real root is initialised first (idempotent, cheap).
+        schedule.register_forward_pre_hook(lambda module, args: model._get_fsdp_state()._lazy_init(), prepend=True)
 
 
 def dp_mesh_of(mesh, dims: ParallelDims):
@@ -404,8 +432,26 @@ def dp_mesh_of(mesh, dims: ParallelDims):
 
 
 def uses_fsdp(pcfg, dims: ParallelDims, mesh) -> bool:
-    """Whether parallelize() shards the model with FSDP2 (and so owns the bf16 cast)."""
-    return getattr(pcfg, "engine", "native") == "native" and mesh is not None and dims.dp > 1
+    """Whether parallelize() shards the model with FSDP2 (and so owns the bf16 cast): with data parallelism, and
+    on CUDA at every degree, TP-only and one GPU included (a size-1 dp mesh), as torchtitan does: one precision
+    path (bf16 parameters gathered per unit, fp32 master weights and gradient reduction) for every layout, and
+    no autocast in training. parallel.fsdp_one_rank forces the size-1 path on the CPU."""
+    if getattr(pcfg, "engine", "native") != "native" or mesh is None:
+        return False
+    return dims.dp > 1 or mesh.device_type == "cuda" or bool(getattr(pcfg, "fsdp_one_rank", False))
+
+
+def lower_timeouts(seconds: int, mesh) -> None:
+    """After the first step: NCCL collectives (the default group and the mesh's) fail after `seconds`, so a hung
+    rank is found quickly once start-up (compilation, loading) is over. Gloo groups keep theirs."""
+    if seconds <= 0 or not dist.is_initialized() or dist.get_backend() != "nccl":
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+    timeout = datetime.timedelta(seconds=seconds)
+    _set_pg_timeout(timeout, None)
+    if mesh is not None:
+        for name in mesh.mesh_dim_names:
+            _set_pg_timeout(timeout, mesh[name].get_group())
 
 
 def parallelize(model: nn.Module, pcfg, dims: ParallelDims, mesh, *, param_dtype: Optional[torch.dtype] = None

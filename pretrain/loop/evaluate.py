@@ -6,7 +6,7 @@ import torch
 from data import Loader
 
 from ..config import Config
-from ..engines.parallel import loss_scope
+from ..engines.parallel import local_loss, loss_scope
 from .metrics import all_reduce_mean
 from .step import objective_loss
 
@@ -16,6 +16,7 @@ def evaluate(model, cfg: Config, source, *, dp_rank: int, dp_size: int, micro: i
              objective) -> float:
     """Mean loss over train.eval_batches fixed validation batches with fixed noise (comparable across steps)."""
     model.eval()
+    objective = objective.for_validation()  # the unbiased bound, whatever surrogate training uses
     G, L = cfg.train.global_batch_size, cfg.data.seq_len
     loader = Loader(source, seed=0, dp_rank=dp_rank, dp_size=dp_size)
     n = source.num_samples
@@ -29,7 +30,9 @@ def evaluate(model, cfg: Config, source, *, dp_rank: int, dp_size: int, micro: i
             r = rows[m * micro:(m + 1) * micro]
             with loss_scope(cfg.parallel.tp > 1), autocast:
                 batch = objective.noise(x0, noise.rows(r), doc).to(device)
-                loss, _ = objective_loss(model, cfg, objective, batch)
+                loss, stats = objective_loss(model, cfg, objective, batch)
+                if "nelbo" in stats:  # a surrogate's objective (genmd4's REINFORCE term) reports its bound
+                    loss = local_loss(stats["nelbo"])
             total += loss.float() * len(r) / len(rows)
     model.train()
     return float(all_reduce_mean(total / batches))

@@ -6,8 +6,11 @@ import time
 import torch
 
 # Dense bf16 peak (no sparsity), per device.
-_CUDA_PEAKS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12,
-               "A800": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12, "B200": 2250e12}
+# Dense bf16 peaks; the first key contained in the device name wins, so variants come before their family
+# (H100 SXM is 989, PCIe 756, NVL 835; GB200 2.5e15 before B200).
+_CUDA_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
+               "GH200": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12,
+               "GB200": 2500e12, "B200": 2250e12}
 
 
 def measure_matmul_peak(device="cpu", dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
@@ -51,14 +54,18 @@ def step_flops(cfg, n_nonembed: int) -> dict[str, float]:
     """Expected training FLOPs of one optimizer step of `cfg` (pretrain.config.Config, vocab known), by term,
     plus the expected tokens per step. Weight and head FLOPs scale with a sequence's length l, attention with l^2;
     the head is counted where the objective computes logits (its logit_fraction: every position for AR, the
-    mean masked fraction for MDM); attention is counted over the full square (dense kernels, causal or not)."""
+    mean masked fraction for MDM); attention is counted over the full square (dense kernels, causal or not).
+    An objective whose network input is m tokens per training token (block diffusion's [x_t, x_0]: m = 2)
+    costs m x the weight FLOPs and m^2 x the attention FLOPs; `tokens` stays the training tokens."""
     from model.objectives import build_objective
     from model.params import flops_by_term
-    h = build_objective(cfg.diffusion, mask_id=cfg.model.mask_id).logit_fraction(cfg.data.seq_len)
+    objective = build_objective(cfg.diffusion, mask_id=cfg.model.mask_id)
+    h = objective.logit_fraction(cfg.data.seq_len)
+    m = objective.input_multiplier
     e1, e2 = length_moments(cfg.data.seq_len, cfg.data.random_length_prob)
     per_tok = flops_by_term(cfg.model, 1, n_nonembed, head_fraction=h)  # attention per token at length 1
     G = cfg.train.global_batch_size
-    out = {"weights": G * e1 * per_tok["weights"], "attention": G * e2 * per_tok["attention"],
+    out = {"weights": G * e1 * m * per_tok["weights"], "attention": G * e2 * m * m * per_tok["attention"],
            "head": G * e1 * per_tok["head"],
            "conditioning": G * per_tok["conditioning"]}  # time conditioning: once per row (0 without it)
     out["total"] = out["weights"] + out["attention"] + out["head"] + out["conditioning"]

@@ -12,11 +12,12 @@ change.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
+from model.attention import needs_mask
 from model.objectives import Noised, Objective, StepNoise
 
 from ..engines.parallel import local_loss, loss_scope, sequence_length
@@ -29,6 +30,7 @@ class StepResult:
     length: int  # tokens per row this step (the random-length cut, rounded for sequence parallelism)
     noise: StepNoise
     skipped: str = ""  # why the update was skipped (pretrain/loop/guard.py); "": the weights were updated
+    stats: dict = field(default_factory=dict)  # the last micro-batch's detached loss statistics (objective-defined)
 
 
 def precision_context(device: torch.device, use_bf16: bool, fsdp: bool) -> Callable[[], contextlib.AbstractContextManager]:
@@ -83,24 +85,31 @@ def train_step(engine, cfg, loader, *, step: int, consumed: int, micro: int, acc
     length = sequence_length(noise.length, dims)  # sequence parallelism needs a multiple of tp
     rank_rows = loader.rank_positions(0, G)  # this rank's rows of the global batch
     total = torch.zeros((), device=device)
+    stats: dict = {}
     for m in range(accum):
         x0, doc = loader.micro_batch(consumed, G, micro, m)
         check_token_ids(x0, cfg.model.vocab_size, consumed)
         rows = rank_rows[m * micro:(m + 1) * micro]
         doc = doc[:, :length] if doc is not None else None
-        # Noised on the host (the objective's forward process), then one copy to the device.
-        batch = objective.noise(x0[:, :length], noise.rows(rows, length), doc).to(device)
+        if doc is not None and not needs_mask(doc, None):
+            doc = None  # one document per row: no mask to build (decided here, on the host copy)
+        # Noised on the host (the objective's forward process: masks, targets, flat positions), then one copy
+        # to the device; nothing in this loop waits for the device.
+        batch = objective.noise(x0[:, :length], noise.rows(rows, length), doc)
+        batch.mask_known = True
+        batch = batch.to(device)
         with loss_scope(dims.tp > 1):  # vocab-parallel cross-entropy under TP, forward and backward
             with precision():
-                loss, _ = objective_loss(engine.model, cfg, objective, batch)
+                loss, stats = objective_loss(engine.model, cfg, objective, batch)
             # Gradients are reduced across data-parallel ranks only after the last micro-batch.
             engine.backward(loss, last=m == accum - 1)
-        total += loss.detach().float() / accum
+        # An objective that differentiates a surrogate (genmd4's REINFORCE term) reports its NELBO: log that.
+        total += (local_loss(stats["nelbo"]) if "nelbo" in stats else loss).detach().float() / accum
     if guard is None:
         grad_norm = engine.step()  # clip, update, zero the gradients: the one place the weights change
         if ema is not None:
             ema.update()
-        return StepResult(total, grad_norm, length, noise)
+        return StepResult(total, grad_norm, length, noise, stats=stats)
     # A bad-step guard (pretrain/loop/guard.py) judges the global loss and gradient norm before the update.
     verdicts: list[str] = []
 
@@ -111,4 +120,4 @@ def train_step(engine, cfg, loader, *, step: int, consumed: int, micro: int, acc
     skipped = verdicts[-1] if verdicts else ""
     if ema is not None and not skipped:  # a skipped step changed no weights: the average must not move either
         ema.update()
-    return StepResult(total, grad_norm, length, noise, skipped=skipped)
+    return StepResult(total, grad_norm, length, noise, skipped=skipped, stats=stats)

@@ -6,6 +6,7 @@ The loop body calls one helper per concern: `train_step` (pretrain/loop/step.py)
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from ..checkpoint.weights import load_init_weights
 from ..config import Config, ConfigError, save_config, to_dict
 from ..engines.native import build_engine
 from ..engines.parallel import (ParallelDims, build_mesh, cpu_group, dp_coordinates, init_distributed, init_weights,
-                                parallelize, uses_fsdp)
+                                lower_timeouts, parallelize, uses_fsdp)
 from ..plot import plot_runs
 from .evaluate import evaluate
 from .flops import peak_flops
@@ -45,6 +46,8 @@ def train(cfg: Config) -> dict:
                             grace_s=cfg.train.preempt_grace_s).install()
     window = Throughput()
     val_loss, preempted, ran = float("nan"), False, 0
+    collector = Collector(cfg.train.gc_every)
+    check_every = cfg.train.preempt_check_every or (10 if run.device.type == "cuda" else 1)
     run.model.train()
     while run.step < cfg.train.steps:
         lr = lr_for(run.step, cfg.optim, cfg.train.steps, run.lr_anchor)
@@ -54,6 +57,9 @@ def train(cfg: Config) -> dict:
                             precision=run.precision, guard=run.guard, ema=getattr(run.engine, "ema", None))
         run.step += 1
         ran += 1
+        if ran == 1:  # start-up (compilation, loading) is over: a hung collective now fails within minutes
+            lower_timeouts(cfg.parallel.step_timeout_s, run.mesh)
+        collector.step(run.step)
         if result.skipped:  # no update anywhere: weights, optimizer state (and EMA) are as after step - 1
             report_skip(run, result, write)
         run.consumed += cfg.train.global_batch_size
@@ -63,8 +69,11 @@ def train(cfg: Config) -> dict:
 
         if due(run.step, cfg.train.log_every, cfg.train.steps):
             log_step(run, result, lr, window, write)
-        # The signal is checked after every step, before evaluation (which a stopping run skips).
-        preempted = preemption.requested(run.save_estimate)
+        # Pending signals are agreed on every check_every steps and always before an evaluation (which a stopping
+        # run skips) or a save: every rank counts the same steps, so all of them take part.
+        if run.step % check_every == 0 or any(due(run.step, every, cfg.train.steps) for every in
+                                               (cfg.train.eval_every, cfg.train.save_every)):
+            preempted = preemption.requested(run.save_estimate)
         if due(run.step, cfg.train.eval_every, cfg.train.steps) and not preempted:
             val_loss = validate(run, write)
             window.restart()
@@ -81,6 +90,7 @@ def train(cfg: Config) -> dict:
             break
     run.engine.wait()
     preemption.restore()
+    collector.close()
     if bar is not None:
         bar.close()
     return finish(run, val_loss, preempted)
@@ -96,6 +106,7 @@ class Run:
     world: int
     device: torch.device
     dims: ParallelDims
+    mesh: Any  # the device mesh (None: one process without a process group)
     dp_rank: int
     dp_size: int
     micro: int
@@ -127,8 +138,11 @@ class Run:
 def setup(cfg: Config) -> Run:
     """Process group, layout, data, run directory, model, optimizer, engine and the resumed state: everything
     before the first step, in this order (a fatal config change on resume stops before anything is written)."""
+    native = cfg.parallel.engine == "native"  # (None: a 1-rank group on CUDA, for FSDP's one precision path)
     rank, world, device = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s,
-                                           flight_recorder=cfg.parallel.flight_recorder)
+                                           flight_recorder=cfg.parallel.flight_recorder,
+                                           one_rank_group=(True if cfg.parallel.fsdp_one_rank else None) if native
+                                           else False)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dims, mesh, dp_rank, dp_size, micro, accum = layout(cfg, world, device)
@@ -158,8 +172,11 @@ def setup(cfg: Config) -> Run:
         source = load_init_weights(cfg.train.init_from, model, cfg.model)
         if rank == 0:
             print(f"initialised the weights from {source} (train.init_from; fresh optimizer, step 0)")
-    optimizer = build_optimizer(model, cfg.optim)
     objective = build_objective(cfg.diffusion, mask_id=cfg.model.mask_id, vocab_size=cfg.model.vocab_size)
+    objective.init_modules(model)  # binds the objective to the parameters build_model attached (genmd4)
+    # Fused AdamW on CUDA (one kernel per parameter group; DTensor parameters too), the default elsewhere.
+    optimizer = build_optimizer(model, cfg.optim, fused=True if device.type == "cuda" else None,
+                                no_decay_prefixes=objective.no_decay_prefixes)
     # native: FSDP2/TP + DCP checkpoints; deepspeed: ZeRO + its checkpoints. Same model, loss and loader.
     engine = build_engine(cfg, model, optimizer, ckpt_dir=run_dir / "checkpoints", accum=accum, micro=micro,
                           dp_size=dp_size, use_bf16=use_bf16, process_group=cpu_group("checkpoint"))
@@ -173,7 +190,7 @@ def setup(cfg: Config) -> Run:
     guard = BadStepGuard(cfg.train.max_bad_steps, cfg.train.loss_spike_factor, cfg.train.loss_spike_window,
                          state=saved.get("guard"))
     loader = Loader(data.train, cfg.train.seed, dp_rank, dp_size)
-    run = Run(cfg=cfg, rank=rank, world=world, device=device, dims=dims, dp_rank=dp_rank, dp_size=dp_size,
+    run = Run(cfg=cfg, rank=rank, world=world, device=device, dims=dims, mesh=mesh, dp_rank=dp_rank, dp_size=dp_size,
               micro=micro, accum=accum, data=data, run_dir=run_dir, fingerprint=fingerprint, plan=plan,
               use_bf16=use_bf16, precision=precision, autocast=autocast, model=engine.model, counts=counts,
               engine=engine, objective=objective, resumed=resumed, guard=guard, loader=loader,
@@ -233,6 +250,8 @@ def build_model(cfg: Config, dims: ParallelDims, mesh, device, use_bf16: bool) -
     """(the parallelized model with its initial weights on `device`, its parameter counts)."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
+        # An objective's own learned parameters (genmd4's exponents) join the model before it is parallelized.
+        build_objective(cfg.diffusion, mask_id=cfg.model.mask_id, vocab_size=cfg.model.vocab_size).init_modules(model)
     counts = count_params(model)
     model = parallelize(model, cfg.parallel, dims, mesh, param_dtype=torch.bfloat16 if use_bf16 else None)
     model.to_empty(device=device)
@@ -240,11 +259,14 @@ def build_model(cfg: Config, dims: ParallelDims, mesh, device, use_bf16: bool) -
     return model, counts
 
 
-def build_optimizer(model, ocfg, fused: Optional[bool] = None) -> torch.optim.Optimizer:
+def build_optimizer(model, ocfg, fused: Optional[bool] = None, no_decay_prefixes: tuple = ()) -> torch.optim.Optimizer:
+    """AdamW; norms and embeddings undecayed unless optim.decay_norms_and_embeddings, and the objective's own
+    parameters (`Objective.no_decay_prefixes`, e.g. genmd4's exponents) never decayed."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         is_norm_or_emb = p.ndim < 2 or name.startswith("tok_embeddings")
-        (no_decay if is_norm_or_emb and not ocfg.decay_norms_and_embeddings else decay).append(p)
+        never = bool(no_decay_prefixes) and name.startswith(tuple(no_decay_prefixes))
+        (no_decay if never or (is_norm_or_emb and not ocfg.decay_norms_and_embeddings) else decay).append(p)
     groups = [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps, fused=fused)
 
@@ -290,6 +312,27 @@ def due(step: int, every: int, steps: int) -> bool:
     return step % every == 0 or step == steps
 
 
+class Collector:
+    """Python's garbage collector at fixed steps instead of whenever allocations trigger it: an automatic
+    collection on one rank at a random moment stalls every rank at the next collective (torchtitan does the
+    same). Automatic collection comes back when the loop ends."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.was_enabled = gc.isenabled()
+        if every > 0:
+            gc.disable()
+            gc.collect(1)
+
+    def step(self, step: int) -> None:
+        if self.every > 0 and step % self.every == 0:
+            gc.collect(1)
+
+    def close(self) -> None:
+        if self.every > 0 and self.was_enabled:
+            gc.enable()
+
+
 @dataclass
 class Throughput:
     """Tokens trained since the last log line and the time they took (validation and saves restart the clock)."""
@@ -315,7 +358,8 @@ def report_skip(run: Run, result: StepResult, write) -> None:
 
 
 def log_step(run: Run, result: StepResult, lr: float, window: Throughput, write) -> None:
-    """The step line and record: loss (mean over ranks), LR, gradient norm, throughput, MFU, peak memory."""
+    """The step line and record: loss (mean over ranks; the NELBO where the objective differentiates a
+    surrogate), LR, gradient norm, throughput, MFU, peak memory, and the objective's `logged_stats`."""
     cfg, step = run.cfg, run.step
     loss_val = float(all_reduce_mean(result.loss))
     grad_norm = result.grad_norm
@@ -323,11 +367,14 @@ def log_step(run: Run, result: StepResult, lr: float, window: Throughput, write)
     tok_s = window.take()
     mfu = tok_s * run.flops_per_token / (run.peak[0] * run.world)
     mem = peak_memory_gib(run.device)  # this rank's peak since the last log line (CUDA only)
+    # The objective's own statistics (genmd4: w_min/w_mean/w_max of its learned exponents, the same on every rank)
+    extra = {k: float(result.stats[k]) for k in run.objective.logged_stats if k in result.stats}
     write(f"step {step:>6}/{cfg.train.steps} | loss {loss_val:.4f} | lr {lr:.2e} | gnorm {gn:.3f} | "
-          f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}%" + (f" | peak mem {mem:.1f} GiB" if mem else ""))
+          f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}%" + (f" | peak mem {mem:.1f} GiB" if mem else "")
+          + "".join(f" | {k} {v:.3f}" for k, v in extra.items()))
     run.log.log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": gn, "tokens_per_s": tok_s, "mfu": mfu,
                  "bad_steps": run.guard.total, "tokens": run.consumed * cfg.data.seq_len, "time": time.time(),
-                 **({"peak_mem_gib": mem} if mem else {})})
+                 **({"peak_mem_gib": mem} if mem else {}), **extra})
 
 
 def validate(run: Run, write) -> float:
@@ -374,10 +421,10 @@ def leave_for_requeue(run: Run, preemption: Preemption, *, saved: bool, write) -
 
 
 def finish(run: Run, val_loss: float, preempted: bool) -> dict:
-    """Samples from a finished MDM run, the loss-curve plot, and the run's summary."""
+    """Samples from a finished masked-diffusion run (mdm, genmd4), the loss-curve plot, and the run's summary."""
     cfg, say = run.cfg, run.say
     samples = []
-    if run.step >= cfg.train.steps and cfg.train.samples and cfg.diffusion.objective == "mdm":
+    if run.step >= cfg.train.steps and cfg.train.samples and cfg.diffusion.objective in ("mdm", "genmd4"):
         samples = sample_and_show(run.model, cfg, run.data, run.device, run.autocast, say, run.objective)
     run.log.close()
     if run.rank == 0 and cfg.logging.plot:
@@ -401,21 +448,46 @@ def precision_name(use_bf16: bool, precision) -> str:
     return "bf16 autocast" if precision is not contextlib.nullcontext else "bf16 parameters (FSDP/DeepSpeed)"
 
 
+# The end-of-training samples' sampler: the setting `benchmarks/sampling.py --grid remdm` scored closest to the
+# language at the quickstart's step count (64 steps for 64 tokens; docs/downstream.md, inference-time scaling).
+SHOW_SAMPLER = {"sampler": "remdm", "remdm": ("loop", 0.02, 0.9)}
+SHOW_SAMPLER_NAME = "ReMDM loop, eta 0.02, top-p 0.9"
+
+
 def sample_and_show(model, cfg: Config, data, device, autocast, say, objective: Objective) -> list[list[int]]:
-    from model.sample import generate
+    """A few unconditional samples at the end of training; on the synthetic language each is scored by the true
+    language: its NLL per token against the entropy, its unigram entropy against real samples', and the
+    fraction of valid transitions."""
+    import numpy as np
+
+    from model.remdm import ReMDMConfig
+    from model.sample import generate, row_generators
     model.eval()
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    n = cfg.train.samples
     length = min(cfg.data.seq_len, 64)
     steps = min(cfg.train.sample_steps, length)
+    kw = dict(SHOW_SAMPLER, remdm=ReMDMConfig(*SHOW_SAMPLER["remdm"])) if "remdm" in SHOW_SAMPLER else SHOW_SAMPLER
     with autocast:
-        out = generate(model, None, mask_id=cfg.model.mask_id, gen_length=length, steps=steps,
-                       batch_size=cfg.train.samples, generator=gen, temperature=cfg.train.sample_temperature,
-                       objective=objective)
+        out = generate(model, None, mask_id=cfg.model.mask_id, gen_length=length, steps=steps, batch_size=n,
+                       generator=row_generators([cfg.train.seed * 1009 + i for i in range(n)], device),
+                       temperature=cfg.train.sample_temperature, objective=objective, **kw)
     rows = out.tolist()
-    say(f"samples ({length} tokens, {steps} steps, temperature {cfg.train.sample_temperature}, "
-        "low-confidence remasking):")
+    say(f"samples ({length} tokens, {steps} steps, {SHOW_SAMPLER_NAME}, temperature "
+        f"{cfg.train.sample_temperature}):")
     lang = data.info.get("language")
+    if lang is None:
+        for row in rows:
+            say(f"  {data.decode(row)}")
+        return rows
+    H = lang.entropy_per_token(length)
+    none = np.zeros((1, 0), dtype=np.int64)
+    real = lang.sample(np.random.default_rng(cfg.train.seed).random((256, length)))
+    real_uni = lang.score(np.zeros((256, 0), dtype=np.int64), real)["unigram_entropy"]
+    say(f"  scored by the true language: NLL per token against its entropy H = {H:.3f} (below: mode-seeking, "
+        f"above: errors), unigram entropy against real samples' {real_uni:.2f} (below: repetition)")
     for row in rows:
-        extra = f"  [valid transitions {100 * lang.valid_transition_rate(row):.0f}%]" if lang is not None else ""
-        say(f"  {data.decode(row)}{extra}")
+        sc = lang.score(none, np.array([row]))
+        nll = f"{sc['nll']:.3f}" if sc["finite"] else "inf"
+        say(f"  {data.decode(row)}  [NLL {nll} vs H {H:.3f} | unigram H {sc['unigram_entropy']:.2f} vs "
+            f"{real_uni:.2f} | valid transitions {100 * sc['valid']:.0f}%]")
     return rows

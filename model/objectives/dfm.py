@@ -1,0 +1,255 @@
+"""Discrete flow matching, the mixture path (Gat et al., NeurIPS 2024; facebookresearch/flow_matching).
+
+TIME RUNS THE OTHER WAY in DFM: s = 0 is the source (noise), s = 1 the data. Inside this file only,
+s = 1 - t is DFM's time; everything outside (configs, the network's noise-level input, eval, the samplers'
+grids) keeps this project's t (t = 1 is noise). kappa(s) = s^n (diffusion.kappa_exponent: the polynomial
+scheduler), kappa' = n s^{n-1}.
+
+Path, per token: x_s = x_1 (the data) with probability kappa(s), else a draw from the source
+(diffusion.source): "mask" (every token the mask id) or "uniform" (a uniformly random real token).
+Network: time-conditioned, p_{1|s}(. | x_s) = softmax of its logits. Mask source: the head covers the mask
+as in flow_matching's text example (no SUBS); uniform source: the mask logit is -inf.
+
+Losses (diffusion.dfm_loss), per token, every position, averaged over the B L tokens:
+  "generalized_kl" (flow_matching.loss.MixturePathGeneralizedKL, ELBO-consistent): with w = kappa' / (1 - kappa),
+      l = -w [ p(x_s | x_s) - [x_s = x_1] + [x_s != x_1] log p(x_1 | x_s) ]
+  "cross_entropy": CE(logits, x_1): a training heuristic, NOT a bound (eval.ppl always reports the ELBO).
+With SUBS and kappa = alpha, s = 1 - t, the generalised KL is exactly the masked-diffusion loss
+(tests/test_obj_dfm.py). Training draws t = (1 - eps) u + eps, i.e. s in [0, 1 - eps] (the library's
+time_epsilon = 1e-3).
+
+Bound (eval.ppl), method "elbo", as examples/text/logic/evaluate.py::estimate_likelihood: the LINEAR path
+k = kappa in [0, 1 - 1e-3), k stratified over the K samples of a sequence with one random shift, x drawn from
+p_k, the network queried at s = kappa^{-1}(k), and l above with kappa = k, kappa' = 1; the estimate is the
+mean over the samples (the library's mean over its grid). No prior term: the source is matched exactly at
+s = 0.
+
+Sampler: the library's MixtureDiscreteEulerSolver: `steps` steps on s = 0 .. 1 - 1e-3; each step draws
+X_1 ~ p_{1|s} and, where X_1 differs from X_s, jumps to it with probability 1 - exp(-h kappa' / (1 - kappa));
+the last step sets X_s = X_1. The mask logit is -inf when X_1 is drawn (the mask source's head could emit it).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional
+
+import torch
+
+from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, pad, register
+from .mdm import autocast_for, eval_generator
+from .sedd import pattern_probs, real_columns
+from .uniform import UniformDiffusion, real_count, uniform_tokens
+
+_TAG_TOK, _TAG_EVAL_K, _TAG_EVAL_POS, _TAG_EVAL_TOK = 51, 52, 53, 54
+EVAL_EPS = 1e-3  # estimate_likelihood's (1 - 1e-3) scale of the grid
+
+
+def generalized_kl(logits: torch.Tensor, xs: torch.Tensor, x1: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(n,) -w [p(x_s) - [x_s = x_1] + [x_s != x_1] log p(x_1)] for logits (n, V) (the caller masks columns)."""
+    logp = torch.log_softmax(logits, -1)
+    p_xs = logp.gather(-1, xs[:, None])[:, 0].exp()
+    lp_x1 = logp.gather(-1, x1[:, None])[:, 0]
+    same = xs == x1
+    inner = p_xs - same.to(logp.dtype) + torch.where(same, torch.zeros_like(lp_x1), lp_x1)
+    return -w.to(logp.dtype) * inner
+
+
+@register
+class DiscreteFlowMatching(Objective):
+    """dfm: the mixture path with a mask or uniform source, the polynomial scheduler, CE or generalised KL."""
+    name = "dfm"
+    title = "discrete flow matching (mixture path)"
+    time_conditioning = True
+    logits_at = "all"
+    eval_methods = ("elbo",)
+    summary = "mixture path, mask|uniform source, kappa = s^n; generalised KL (ELBO) or CE (not a bound)"
+
+    def __init__(self, dcfg, *, mask_id=None, vocab_size=None):
+        super().__init__(dcfg, mask_id=mask_id, vocab_size=vocab_size)
+        self.source = getattr(dcfg, "source", "mask")
+        if self.source not in ("mask", "uniform"):
+            raise ValueError(f"diffusion.source={self.source!r}; choices: mask, uniform")
+        if self.source == "mask" and mask_id is None:
+            raise ValueError("diffusion.source=mask needs a mask token (model.mask_id)")
+        self.n = float(getattr(dcfg, "kappa_exponent", 1.0))
+        if not self.n > 0:
+            raise ValueError(f"diffusion.kappa_exponent={self.n} must be > 0")
+        self.loss_kind = getattr(dcfg, "dfm_loss", "generalized_kl")
+        if self.loss_kind not in ("generalized_kl", "cross_entropy"):
+            raise ValueError(f"diffusion.dfm_loss={self.loss_kind!r}; choices: generalized_kl, cross_entropy")
+        self.eps = dcfg.eps
+        self.head_has_mask = self.source == "mask"
+
+    @property
+    def n_real(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError(f"diffusion.objective={self.name} needs the vocabulary size (model.vocab_size)")
+        return real_count(self.vocab_size, self.mask_id)
+
+    # DFM's time s = 1 - t, and its scheduler
+    def kappa(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return s ** self.n, self.n * s ** (self.n - 1.0)
+
+    def head(self, logits: torch.Tensor) -> torch.Tensor:
+        """The uniform source never uses the mask id: its logit is -inf (the mask source keeps it)."""
+        if self.source == "uniform" and self.mask_id is not None and 0 <= self.mask_id < logits.shape[-1]:
+            logits = logits.masked_fill(real_columns(logits.shape[-1], self.mask_id, logits.dtype,
+                                                     logits.device) == 0, float("-inf"))
+        return logits
+
+    # -- noising and the loss
+    def draw(self, seed, step, global_batch, seq_len, *, stratified=True, random_length_prob=0.0) -> StepNoise:
+        noise = draw_step_noise(seed, step, global_batch, seq_len, stratified=stratified,
+                                random_length_prob=random_length_prob)
+        if self.source == "uniform":
+            noise.extra["tok_u"] = torch.rand(global_batch, seq_len, generator=eval_generator(seed, _TAG_TOK, step))
+            noise.positional = noise.positional + ("tok_u",)
+        return noise
+
+    def sample_path(self, x1, kappa, pos_u, tok_u=None):
+        """x_s: the source where pos_u < 1 - kappa (per row; masked diffusion's event at alpha = kappa, so the
+        same draws give the same masks), else x_1."""
+        keep = ~(pos_u.double() < (1.0 - kappa.double())[:, None])
+        if self.source == "mask":
+            src = torch.full_like(x1, self.mask_id)
+        else:
+            src = uniform_tokens(tok_u, self.n_real, self.mask_id).to(x1.device)
+        return torch.where(keep, x1, src)
+
+    def noise(self, x0, noise: StepNoise, doc_ids=None) -> Noised:
+        t = noise_level(noise.u, self.eps)
+        kap, _ = self.kappa(1.0 - t.double())
+        xs = self.sample_path(x0, kap, noise.mask_uniform, noise.extra.get("tok_u"))
+        return Noised(x0=x0, xt=xs, t=t, at=None, doc_ids=doc_ids)
+
+    def token_loss(self, logits, xs, x1, kap, dkap, kind: str):
+        logits = self.head(logits)
+        if kind == "cross_entropy":
+            return torch.nn.functional.cross_entropy(logits, x1, reduction="none")
+        return generalized_kl(logits, xs, x1, dkap / (1.0 - kap))
+
+    def per_token(self, model, x1, xs, t, kap, dkap, kind, sel=None, **kw):
+        L = xs.shape[1]
+        k_rows, d_rows = kap.repeat_interleave(L), dkap.repeat_interleave(L)
+        z, x = xs.reshape(-1), x1.reshape(-1)
+        if sel is not None:
+            flat = sel.reshape(-1)
+            k_rows, d_rows, z, x = k_rows[flat], d_rows[flat], z[flat], x[flat]
+
+        def rows(logits, sl):
+            return self.token_loss(logits, z[sl], x[sl], k_rows[sl].to(logits.dtype), d_rows[sl].to(logits.dtype),
+                                   kind)
+        return model(xs, logits_at=sel, t=t.float(), row_loss=rows, **kw)
+
+    def loss(self, model, batch: Noised, *, ce_chunk: int = 0):
+        B, L = batch.x0.shape
+        kap, dkap = self.kappa(1.0 - batch.t.double())
+        per = self.per_token(model, batch.x0, batch.xt, batch.t, kap, dkap, self.loss_kind, doc_ids=batch.doc_ids,
+                             ce_chunk=ce_chunk)
+        return per.sum() / (B * L), {"noised_frac": (batch.xt != batch.x0).float().mean().detach()}
+
+    # -- the bound (estimate_likelihood)
+    def eval_draw(self, method, *, seed, seq, sample, samples, maskable, eps, group) -> EvalDraw:
+        if method != "elbo":
+            raise ValueError(f"unknown estimator {method!r} for dfm; choices: elbo")
+        if int(maskable.sum()) == 0:
+            raise ValueError("a sequence with no scored positions has nothing to estimate")
+        shift = torch.rand(1, generator=eval_generator(seed, _TAG_EVAL_K, seq), dtype=torch.float64).item()
+        k = (1.0 - EVAL_EPS) * ((shift + sample / samples) % 1.0)
+        L = maskable.numel()
+        pos = torch.rand(L, generator=eval_generator(seed, _TAG_EVAL_POS, seq, sample))
+        tok = torch.rand(L, generator=eval_generator(seed, _TAG_EVAL_TOK, seq, sample))
+        return EvalDraw({"k": k, "pos": pos, "tok": tok, "scored": maskable.clone()}, 1.0)
+
+    def eval_sums(self, model, x0, draws, *, keep, subs=True):
+        dev = x0.device
+        L = x0.shape[1]
+        k = torch.tensor([d.noise["k"] for d in draws], dtype=torch.float64, device=dev)
+        pos, _ = pad([d.noise["pos"] for d in draws], 2.0, dev, length=L)
+        tok, _ = pad([d.noise["tok"] for d in draws], 0.0, dev, length=L)
+        scored, _ = pad([d.noise["scored"] for d in draws], False, dev, length=L)
+        xs = torch.where(scored, self.sample_path(x0, k, pos, tok), x0)
+        t = 1.0 - k ** (1.0 / self.n)  # the network's level: s = kappa^{-1}(k), t = 1 - s
+        kp = None if bool(keep.all()) else keep
+        with autocast_for(dev):
+            per = self.per_token(model, x0, xs, t, k, torch.ones_like(k), "generalized_kl", sel=scored, key_padding=kp)
+        sums = torch.zeros(x0.shape[0], dtype=torch.float64, device=dev).index_add_(0, scored.nonzero()[:, 0],
+                                                                                     per.double())
+        return sums.cpu() * torch.tensor([d.weight for d in draws], dtype=torch.float64)
+
+    # -- brute force (tests)
+    def states(self) -> list[int]:
+        real = [i for i in range(self.vocab_size) if i != self.mask_id]
+        return [self.mask_id] + real if self.source == "mask" else real
+
+    def exact_nelbo(self, cond_logprobs, x0, nodes: int = 200) -> float:
+        """integral over k in [0, 1 - 1e-3) of E_{x_k}[sum_i l_i] dk / (1 - 1e-3) (the estimator's expectation),
+        Gauss-Legendre in k, every x_k enumerated. cond_logprobs(Z (K, L), t) -> (K, L, V) logits."""
+        import numpy as np
+        L = x0.numel()
+        x0 = x0.long()
+        Z = torch.tensor(list(itertools.product(self.states(), repeat=L)), dtype=torch.long)
+        xs_, ws = np.polynomial.legendre.leggauss(nodes)
+        hi = 1.0 - EVAL_EPS
+        total = 0.0
+        for xi, wi in zip(xs_, ws):
+            k = 0.5 * hi * (xi + 1.0)
+            if self.source == "mask":
+                qz = pattern_probs(Z, x0, self.mask_id, 1 - k, k, 0.0)
+            else:
+                N = self.n_real
+                qz = pattern_probs(Z, x0, None, 0.0, k + (1 - k) / N, (1 - k) / N)
+            live = qz > 0
+            Zl = Z[live]
+            lg = cond_logprobs(Zl, 1.0 - k ** (1.0 / self.n)).double()
+            V = lg.shape[-1]
+            per = self.token_loss(lg.reshape(-1, V), Zl.reshape(-1), x0.expand_as(Zl).reshape(-1),
+                                  torch.full((Zl.numel(),), k, dtype=torch.float64),
+                                  torch.ones(Zl.numel(), dtype=torch.float64), "generalized_kl")
+            total += 0.5 * wi * float((qz[live] * per.view(Zl.shape).sum(1)).sum())
+        return total
+
+    # -- generation
+    @torch.no_grad()
+    def generate(self, model, ids, real, *, gen_length: int, steps: int, noise, temperature: float = 0.0,
+                 callback=None, stats=None, **_):
+        """The Euler jump solver (module docstring): `steps` network calls on s = 0 .. 1 - 1e-3."""
+        stats = stats if stats is not None else {}
+        B, P = ids.shape
+        G = gen_length
+        dev = ids.device
+        allrows = torch.ones(B, dtype=torch.bool, device=dev)
+        if self.source == "mask":
+            gen = torch.full((B, G), self.mask_id, dtype=torch.long, device=dev)
+        else:
+            gen = uniform_tokens(noise.rows(allrows, G), self.n_real, self.mask_id).to(dev)
+        x = torch.cat([ids, gen], 1)
+        kp = None if real is None or bool(real.all()) else \
+            torch.cat([real, torch.ones(B, G, dtype=torch.bool, device=dev)], 1)
+        grid = torch.linspace(0.0, 1.0 - EVAL_EPS, steps + 1, dtype=torch.float64).tolist()
+        for i in range(steps):
+            s, h = grid[i], grid[i + 1] - grid[i]
+            stats["forwards"] = stats.get("forwards", 0) + 1
+            stats["forward_rows"] = stats.get("forward_rows", 0) + B
+            stats["forward_tokens"] = stats.get("forward_tokens", 0) + B * x.shape[1]
+            tt = torch.full((B,), 1.0 - s, dtype=torch.float32, device=dev)
+            with autocast_for(dev):
+                logits = model(x, key_padding=kp, t=tt)[:, P:].double()
+            if temperature > 0:
+                logits = logits / temperature
+            keep = real_columns(logits.shape[-1], self.mask_id, logits.dtype, dev)
+            p1 = torch.softmax(logits.masked_fill(keep == 0, float("-inf")), -1)
+            V = p1.shape[-1]
+            x1 = UniformDiffusion.categorical(p1.reshape(-1, V), noise.rows(allrows, G).reshape(-1)).view(B, G)
+            u = noise.rows(allrows, G)
+            if i == steps - 1:
+                x[:, P:] = x1
+            else:
+                kap, dkap = self.kappa(torch.tensor(s, dtype=torch.float64))
+                jump = 1.0 - math.exp(-h * float(dkap) / (1.0 - float(kap)))
+                cur = x[:, P:]
+                x[:, P:] = torch.where((x1 != cur) & (u < jump), x1, cur)
+            if callback is not None:
+                callback(i + 1, x)
+        return x

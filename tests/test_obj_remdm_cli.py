@@ -1,0 +1,81 @@
+"""ReMDM and GenMD4 through the user-facing commands: eval.generate --sampler remdm, the same keys as lm-eval model
+arguments, and a genmd4 run directory through eval.load, eval.generate and eval.unmask_order."""
+import pytest
+import torch
+
+from eval.generate import main as generate_main
+from helpers_downstream import make_text_run, one_thread
+
+_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_text_run(tmp_path_factory.mktemp("remdm") / "run", seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def genmd4_run(tmp_path_factory):
+    """A text run directory whose config says genmd4, with exponents spread from 0.2 to 3 over the vocabulary."""
+    from safetensors.torch import load_file, save_file
+
+    from pretrain.config import load_run_config, save_config
+    run = make_text_run(tmp_path_factory.mktemp("genmd4") / "run", seq_len=32)
+    cfg = load_run_config(run)
+    cfg.diffusion.objective = "genmd4"
+    save_config(cfg, run / "config.yaml")
+    state = load_file(str(run / "model.safetensors"))
+    w = torch.linspace(0.2, 3.0, cfg.model.vocab_size)
+    state["noise_schedule.w_hat"] = torch.log(torch.expm1(w))  # softplus^{-1}
+    save_file(state, str(run / "model.safetensors"))
+    return run
+
+
+@pytest.mark.parametrize("strategy", ["cap", "rescale", "conf", "loop"])
+def test_generate_cli_remdm(run_dir, capsys, strategy):
+    rc = generate_main(["--ckpt", str(run_dir), "--prompt", "the cat", "--gen-length", "8", "--steps", "16",
+                        "--sampler", "remdm", "--remdm-strategy", strategy, "--eta", "0.05", "--top-p", "0.9",
+                        "--temperature", "1.0", "--device", "cpu"])
+    assert rc == 0
+    assert "the cat" in capsys.readouterr().out
+
+
+def test_lm_eval_model_args_for_remdm(run_dir):
+    pytest.importorskip("lm_eval")
+    import eval.lm_eval_model as m
+
+    class Req:
+        def __init__(self, args, doc_id):
+            self.args, self.task_name, self.doc_id = args, "t", doc_id
+    lm = m.UnmaskLM(ckpt=str(run_dir), device="cpu", sampler="remdm", remdm_strategy="loop", eta=0.05, top_p=0.95,
+                    block_length=4, temperature=1.0)
+    assert (lm.remdm.strategy, lm.remdm.eta, lm.remdm.top_p) == ("loop", 0.05, 0.95)
+    opts = {"until": ["\n"], "max_gen_toks": 8, "do_sample": True}
+    reqs = [Req((c, opts), i) for i, c in enumerate(["the cat", "to be or not to be"])]
+    texts = lm.generate_until(reqs, disable_tqdm=True)
+    assert len(texts) == 2
+    (alone,) = lm.generate_until([reqs[1]], disable_tqdm=True)
+    assert alone == texts[1]  # per-request generators: a row does not depend on its batch
+    with pytest.raises(ValueError, match="remdm strategy"):
+        m.UnmaskLM(ckpt=str(run_dir), device="cpu", sampler="remdm", remdm_strategy="sometimes")
+    with pytest.raises(ValueError, match="top_p"):
+        m.UnmaskLM(ckpt=str(run_dir), device="cpu", sampler="remdm", top_p=0.0)
+
+
+def test_genmd4_run_loads_generates_and_lists_its_unmasking_order(genmd4_run, capsys):
+    from eval.load import load
+    from eval.unmask_order import main as order_main
+    run = load(genmd4_run)
+    w = run.objective.exponents()
+    assert torch.allclose(w, torch.linspace(0.2, 3.0, w.numel()), atol=1e-5)
+    for sampler in ("mdlm", "remdm"):
+        assert generate_main(["--ckpt", str(genmd4_run), "--gen-length", "8", "--steps", "8", "--sampler", sampler,
+                              "--temperature", "1.0", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    order_main([str(genmd4_run), "-k", "3"])
+    out = capsys.readouterr().out
+    first = out.split("unmask first")[1].split("unmask last")[0].splitlines()[1:]
+    last = out.split("unmask last")[1].splitlines()[1:]
+    assert len(first) == len(last) == 3
+    assert first[0].split()[0] == "3.000"  # the largest exponent: the last token id
+    assert last[0].split()[0] == "0.200" and "endoftext" in last[0]  # id 0; the mask id (1) is not listed
