@@ -308,7 +308,8 @@ def trainer_optimizer(model) -> tuple[torch.optim.Optimizer, str]:
     try:
         from pretrain.config import OptimConfig
         from pretrain.loop.train import build_optimizer
-        opt = build_optimizer(model, OptimConfig())
+        cuda = next(model.parameters()).device.type == "cuda"
+        opt = build_optimizer(model, OptimConfig(), fused=True if cuda else None)  # as the trainer builds it
     except Exception as e:  # noqa: BLE001  (e.g. no PyYAML: pretrain.config imports it)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
         return opt, f"AdamW (build_optimizer unavailable: {type(e).__name__})"
@@ -733,6 +734,9 @@ def plan_rows(device, dry: bool, peaks: dict, state: dict) -> list[Row]:
         base = dict(seq=2048, micro=8, mean_doc=700, steps=6, warmup=3)
 
     def speed(id_, name, mcfg, backend, compile_, ac, **kw):
+        # The trainer's path: on CUDA every native run shards with FSDP2 (a 1-rank mesh here; bf16 parameters
+        # gathered per unit, no autocast), so every speed row does too unless it says otherwise.
+        kw.setdefault("fsdp", device.type == "cuda")
         spec = SpeedSpec(name, mcfg, backend, compile_, ac, **{**base, **kw})
         needs = list(cn) if compile_ else []
         if backend == "flex":  # flex runs compiled on CUDA whatever the blocks do
@@ -763,7 +767,10 @@ def plan_rows(device, dry: bool, peaks: dict, state: dict) -> list[Row]:
                             needs=flex_needs(backend), compiled=backend == "flex" and device.type == "cuda"))
     rows += [speed("2.3", "1028M", m1028, "flex", True, "none"),
              speed("2.4", "1028M one doc/row", m1028, "auto", True, "op", mean_doc=10 ** 9),
-             speed("2.5", "1028M", m1028, "flex", True, "op", fsdp=True),
+             # On CUDA 2.5 is the old 1-GPU autocast path (no FSDP) for comparison; the CPU dry run, whose other
+             # rows skip FSDP, takes the 1-rank FSDP path here instead.
+             speed("2.5", "1028M" + (" autocast, no FSDP" if device.type == "cuda" else ""), m1028, "flex", True,
+                   "op", fsdp=device.type != "cuda"),
              speed("2.6", "llada-8b 2-layer slice", slice8b, "flex", True, "op", micro=2),
              speed("2.7", "1028M", m1028, "flex", True, "full"),
              speed("2.8", "1028M", m1028, "flex", False, "op"),

@@ -151,12 +151,13 @@ def main(argv=None) -> int:
     if not run.is_ar and args.decode != "fixed":
         kind += f", {args.decode} decoding " + (f"(tau {args.threshold})" if args.decode == "threshold"
                                                  else f"(factor {args.factor})")
+    own_blocks = getattr(run.objective, "block_size", None)  # block diffusion: its own blocks, its exact cache
     if args.kv_cache != "none":
-        kind += " | exact KV cache" if run.is_ar else f" | {args.kv_cache} KV cache"
+        kind += " | exact KV cache" if run.is_ar or own_blocks else f" | {args.kv_cache} KV cache"
         if args.refresh_every and not run.is_ar:
             kind += f" (refresh every {args.refresh_every})"
     print(f"# {run.path} (step {run.step}) | {kind} | {len(prompts)} x {args.gen_length} tokens, {steps} steps, "
-          f"block {args.block_length or args.gen_length}, temperature {args.temperature}, cfg {args.cfg_scale}")
+          f"block {own_blocks or args.block_length or args.gen_length}, temperature {args.temperature}, cfg {args.cfg_scale}")
     for text, row in zip(texts, out[:, P:].tolist()):
         body = tok.decode(strip_after_eos(row, eos))
         print("=" * 80)

@@ -145,6 +145,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     run = load(args.ckpt, device=device, dtype=resolve_dtype("auto", device))
+    refusal = None if run.is_ar else run.objective.conditional_refusal()
+    if refusal:  # sedd, d3pm, dfm, uniform, hybrid: the masked-answer estimator is not their bound
+        raise SystemExit(f"eval.lambada: {refusal}")
     passages = load_passages(args.data)[:args.limit]
     tok = run.tokenizer
     prefix = getattr(tok, "bos_id", None)

@@ -15,7 +15,12 @@ or run `python -m eval.downstream` (docs/downstream.md). Requests are served bat
   - loglikelihood_rolling: lm-eval's rolling windows, each conditioned on the text before it (the context stays
     visible, only the window's tokens are masked and scored; eval.elbo.rolling_nelbo): exact for AR
     checkpoints (lm-eval's HF numbers), an ELBO bound for diffusion, so lm-eval's word/byte perplexities are
-    upper bounds. Monte Carlo draws are keyed on each document.
+    upper bounds. Monte Carlo draws are keyed on each document. Every objective uses its own estimator
+    (rolling_method, default: "count" where the objective has it, else its first: sedd "t", d3pm "step",
+    dfm "elbo").
+  Objectives whose bound the masked-answer estimator is not (time-conditioned networks: sedd, d3pm, dfm,
+  uniform, hybrid; Objective.conditional_refusal) refuse loglikelihood with that explanation instead of
+  reporting a wrong number; their loglikelihood_rolling and generate_until work.
   - generate_until: the diffusion sampler on left-padded batches, semi-autoregressive blocks, rows leave the
     batch once a stop string or EOS appears after a finished block.
 
@@ -26,7 +31,7 @@ gen_length, steps, block_length, remasking, sampler (llada|mdlm|remdm), temperat
 (fixed|threshold|factor), threshold (0.9), factor (1.0), kv_cache (none|prefix|dual), refresh_every (0),
 remdm_strategy (cap|rescale|conf|loop; sampler=remdm, model/remdm.py), eta (0.015), top_p (0.9: ReMDM's
 nucleus, 1 off), rolling_samples (16), rolling_method
-(count), max_length (default: the checkpoint's training sequence length). generate_until draws each request
+(the objective's: count for masked diffusion), max_length (default: the checkpoint's training sequence length). generate_until draws each request
 from its own generator (seed and the context's tokens), so its text does not depend on its batch.
 """
 from __future__ import annotations
@@ -68,7 +73,7 @@ class UnmaskLM(LM):
                  seed: int = 1234, greedy: str = "auto", gen_length: Optional[int] = None,
                  steps: Optional[int] = None, block_length: Optional[int] = None,
                  remasking: str = "low_confidence", sampler: str = "llada", temperature: float = 0.0,
-                 rolling_samples: int = 16, rolling_method: str = "count", max_length: Optional[int] = None,
+                 rolling_samples: int = 16, rolling_method: Optional[str] = None, max_length: Optional[int] = None,
                  decode: str = "fixed", threshold: float = 0.9, factor: float = 1.0, kv_cache: str = "none",
                  refresh_every: int = 0, remdm_strategy: str = "rescale", eta: float = 0.015, top_p: float = 0.9,
                  **unused):
@@ -103,10 +108,18 @@ class UnmaskLM(LM):
         self.fast = dict(decode=decode, threshold=float(threshold), factor=float(factor), kv_cache=kv_cache,
                          refresh_every=int(refresh_every))
         check_options(sampler, remasking, decode, float(threshold), float(factor), kv_cache, int(refresh_every),
-                       1, 1)
+                       1, 1, exact_cache=bool(getattr(self.run.objective, "exact_kv_cache", False)))
         self.remdm = ReMDMConfig(remdm_strategy, float(eta), float(top_p))  # sampler=remdm's remasking
         self.remdm.check()
-        self.rolling_samples, self.rolling_method = int(rolling_samples), rolling_method
+        objective = None if self.run.is_ar else self.run.objective
+        if objective is not None:
+            methods = objective.eval_methods
+            rolling_method = rolling_method or ("count" if "count" in methods else methods[0])
+            if rolling_method not in methods:
+                raise ValueError(f"rolling_method={rolling_method!r} does not fit objective {objective.name!r}; "
+                                 f"choices: {', '.join(methods)}")
+        self.rolling_samples, self.rolling_method = int(rolling_samples), rolling_method or "count"
+        self.refusal = None if objective is None else objective.conditional_refusal()
         self.max_length = int(max_length or min(self.run.cfg.data.seq_len, self.run.cfg.model.max_seq_len))
         self.eos_id = getattr(self.tok, "eos_id", None)
         bos = getattr(self.tok, "bos_id", None)
@@ -118,6 +131,8 @@ class UnmaskLM(LM):
 
     # ------------------------------------------------------------------ lm-eval API
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        if self.refusal:
+            raise ValueError(self.refusal)
         pairs = [self._encode_pair(*req.args) for req in requests]
         # Deduplicate identical (context, continuation) token pairs: score each once.
         uniq: dict[tuple, int] = {}

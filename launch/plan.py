@@ -169,11 +169,21 @@ AC_MODES = ("none", "selective", "op", "full")
 
 def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, ac: str, ac_every: int,
          param_dtype_bytes: int = 2, gpu_gib: float = 80.0, ce_chunk: int = 4096, attn_mask: str = "flex",
-         reduce_every_micro_batch: bool = False, objective: str = "mdm") -> dict:
-    from model.objectives import OBJECTIVES
-    row_loss_bytes = getattr(OBJECTIVES.get(objective), "row_loss_bytes", 0)
-    input_multiplier = getattr(OBJECTIVES.get(objective), "input_multiplier", 1)  # block: the 2L input
-    if row_loss_bytes:  # the row loss runs diffusion.row_chunk rows at a time (its default) when smaller
+         reduce_every_micro_batch: bool = False, objective: str = "mdm", diffusion=None) -> dict:
+    """`diffusion`: the run's diffusion section, when known (a --config): the objective as configured (d3pm's
+    uniform graph keeps more per logit than its absorbing one); else the objective's class (its worst case)."""
+    from model.objectives import OBJECTIVES, build_objective
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown --objective {objective!r}; choices: {', '.join(OBJECTIVES)}")
+    obj = OBJECTIVES[objective]
+    if diffusion is not None and diffusion.objective == objective:
+        known = mcfg.mask_id is not None  # else the data names it later: no mask check here
+        obj = build_objective(diffusion, mask_id=mcfg.mask_id, vocab_size=mcfg.vocab_size if known else None)
+    if obj.time_conditioning and getattr(mcfg, "time_conditioning", "none") == "none":
+        mcfg = replace(mcfg, time_conditioning="adaln")  # as the trainer requires (and launch.sweep sets)
+    row_loss_bytes = getattr(obj, "row_loss_bytes", 0)
+    input_multiplier = getattr(obj, "input_multiplier", 1)  # block: the 2L input
+    if row_loss_bytes and hasattr(obj, "chunk"):  # uniform/hybrid: diffusion.row_chunk rows (default) if smaller
         from model.objectives import DiffusionConfig
         ce_chunk = min(ce_chunk, DiffusionConfig().row_chunk) if ce_chunk > 0 else DiffusionConfig().row_chunk
     exact = sharded_state_bytes(mcfg, layout)
@@ -258,6 +268,7 @@ def _model_config(args):
         seq_len, batch, steps = cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.steps
         if args.objective is None:
             args.objective = cfg.diffusion.objective
+        args.diffusion = cfg.diffusion
     else:
         mcfg, seq_len, batch, steps = get_preset(args.model), None, None, None
     if args.vocab_size:
@@ -294,7 +305,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0)
     ap.add_argument("--vocab-size", type=int, default=None)
     ap.add_argument("--objective", default=None, help="diffusion.objective (default: the config's, else mdm): "
-                    "uniform / hybrid count their full-vocabulary loss at every position")
+                    "objectives with a per-row loss (uniform, hybrid, sedd, d3pm, dfm) count its bytes per logit, "
+                    "time-conditioned ones an adaLN model")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
     mcfg, cfg_seq, cfg_batch, cfg_steps = _model_config(args)
@@ -306,7 +318,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         p = plan(mcfg, layout, seq_len=seq_len, global_batch=global_batch, micro=args.micro_batch, ac=args.ac,
                  ac_every=args.ac_every, param_dtype_bytes=2 if args.param_dtype == "bf16" else 4,
                  gpu_gib=args.gpu_memory_gib, ce_chunk=args.ce_chunk, attn_mask=args.attn_mask,
-                 reduce_every_micro_batch=args.reduce_every_micro_batch, objective=args.objective or "mdm")
+                 reduce_every_micro_batch=args.reduce_every_micro_batch, objective=args.objective or "mdm",
+                 diffusion=getattr(args, "diffusion", None))
     except ValueError as e:
         sys.exit(f"plan error: {e}")
     p["model"] = p["model"] or args.config  # a recipe without a preset is named by its file

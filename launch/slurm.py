@@ -48,7 +48,7 @@ _NETWORK = """\
 # export NCCL_NET_GDR_LEVEL=PHB        # GPUDirect RDMA policy
 # export FI_PROVIDER=efa               # AWS EFA (with the aws-ofi-nccl plugin)
 # export NCCL_DEBUG=WARN               # INFO to debug hangs and topology
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=1   # a failed collective aborts instead of hanging
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=3   # a failed collective ends the process (after a flight-recorder dump)
 """
 
 _IFNAME_UNSET = """\

@@ -270,8 +270,12 @@ def _fmt_budget(b: float) -> str:
 def _plan_one(spec, base, rules, ev, timing, data_cache, sweep, out_dir, index, size, model_keys, obj, budget,
               seed, U, layers, where_s, where_o, where_b, torch, Transformer, count_params, Config, ConfigError,
               from_dict, step_flops) -> RunPlan:
-    block = dict(layers[1][1]).get("diffusion.block_size")  # block diffusion: one run per block size
+    obj_over = dict(layers[1][1])
+    block = obj_over.get("diffusion.block_size")  # block diffusion: one run per block size
     label = f"{obj}{block}" if obj == "block" and block is not None else obj
+    variant = obj_over.get("diffusion.graph") or obj_over.get("diffusion.source")  # sedd/d3pm graph, dfm source
+    if variant is not None:
+        label = f"{label}-{variant}"
     run = f"{size['name']}-{label}-C{_fmt_budget(budget)}" + (f"-U{_fmt_budget(U)}" if U else "") + f"-s{seed}"
     where = f"run {run} ({where_s}, {where_o}, {where_b})"
     tree = json.loads(json.dumps(base))
@@ -282,7 +286,7 @@ def _plan_one(spec, base, rules, ev, timing, data_cache, sweep, out_dir, index, 
     tree["model"].update(model_keys)
     tree["model"]["causal"] = causal_by_objective()[obj]
     from model.objectives import OBJECTIVES
-    if OBJECTIVES[obj].time_conditioning:  # uniform / hybrid: the network gets the noise level (adaLN)
+    if OBJECTIVES[obj].time_conditioning:  # uniform, hybrid, sedd, d3pm, dfm: the network gets the noise level
         tree["model"].setdefault("time_conditioning", "adaln")
     tree.setdefault("diffusion", {})["objective"] = obj
     dim_guess = model_keys.get("dim") or tree["model"].get("dim")

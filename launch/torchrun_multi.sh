@@ -20,9 +20,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ -z "${PYTORCH_ALLOC_CONF:-}" ] && [ -z "${PYTORCH_CUDA_ALLOC_CONF:-}" ]; then
     export PYTORCH_ALLOC_CONF=expandable_segments:True
 fi
-# TORCH_NCCL_ASYNC_ERROR_HANDLING is not set here. Beware: torchrun hands its workers 1 (tear down) when it is
-# unset (torch/distributed/elastic/agent/server/local_elastic_agent.py), not ProcessGroupNCCL's own default 3;
-# torchtitan exports 3 because the flight recorder (parallel.flight_recorder) is incompatible with 1.
+# NCCL errors: 3 (ProcessGroupNCCL's own default: report and exit, the flight recorder may dump first). torchrun
+# would hand its workers 1 (abort at once, no dump) when the variable is unset. Kept if the user set it.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
 exec torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID" \
     --log-dir="$LOG_DIR" --redirects=3 --tee=3 \

@@ -123,14 +123,27 @@ class AttentionBatch:
             name = "sdpa"  # one tile: the dense mask is tiny, and compiled flex would specialise a graph for it
         if name == "sdpa":
             mask = build_mask(doc_ids, key_padding, causal, seq_len, seq_len, device)
-            if dtype is not None and dtype.is_floating_point:
-                # SDPA turns a boolean mask into an additive one (0 / -inf, the query's dtype) in every call:
-                # once here instead of in every layer, and every layer's backward shares this one tensor.
-                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-            return cls(name, causal, mask=mask)
+            return cls(name, causal, mask=additive_mask(mask, dtype))
         if name == "flex":
             return cls(name, causal, block_mask=flex_block_mask(doc_ids, key_padding, causal, seq_len, device))
         return cls(name, causal, varlen=varlen_metadata(doc_ids, key_padding, seq_len, device))
+
+    def for_dtype(self, dtype) -> "AttentionBatch":
+        """This batch with a dense boolean mask made additive in the compute dtype (a caller's prebuilt mask,
+        e.g. block diffusion's: the forward calls this once); itself when there is nothing to convert."""
+        if self.mask is None or self.mask.dtype != torch.bool or dtype is None or not dtype.is_floating_point:
+            return self
+        return AttentionBatch(self.backend, self.causal, mask=additive_mask(self.mask, dtype),
+                              block_mask=self.block_mask, varlen=self.varlen)
+
+
+def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """SDPA turns a boolean mask into an additive one (0 / -inf, the query's dtype) in every call: once per
+    batch instead of in every layer, and every layer's backward shares this one tensor. Unchanged when the
+    compute dtype is not known."""
+    if dtype is None or not dtype.is_floating_point:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _device_type(device) -> str:
@@ -162,25 +175,34 @@ _BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "ful
 
 
 def flex_block_mask(doc_ids, key_padding, causal: bool, seq_len: int, device):
-    """The batch's BlockMask; compiled on CUDA (eager, create_block_mask materializes (B, L, L) intermediates).
-    A length that is not a multiple of the tile gets its length dimensions marked dynamic (module docstring)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    global _COMPILED_MASKS
+    """The batch's BlockMask of documents, padding and the causal triangle (make_block_mask)."""
     B = (doc_ids if doc_ids is not None else key_padding).shape[0]
     doc = doc_ids if doc_ids is not None else torch.zeros(B, seq_len, dtype=torch.long, device=device)
     keep = key_padding.bool() if key_padding is not None else None
+    return make_block_mask(_mask_mod(doc, keep, causal), B, seq_len, device, positional=((doc, 1), (keep, 1)))
+
+
+def make_block_mask(mask_mod, B: Optional[int], seq_len: int, device, *, positional=()):
+    """A (seq_len x seq_len) BlockMask of `mask_mod`, tiles of FLEX_BLOCK: the process's compiled
+    create_block_mask on CUDA (eager, create_block_mask materializes (B, L, L) intermediates), eager elsewhere.
+    positional: (tensor, dim) pairs, the tensors mask_mod reads with `dim` indexing the position; a length that
+    is not a multiple of the tile gets those dimensions marked dynamic (module docstring), so one graph serves
+    every such length. mask_mod must read lengths from such tensors, never from Python numbers it closes over
+    (dynamo would specialise a graph per value). A compiler failure warns once and builds masks eagerly."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    global _COMPILED_MASKS
     compiled = _device_type(device) in COMPILED_ON and not torch.compiler.is_compiling()
     ragged = compiled and seq_len % FLEX_BLOCK != 0  # (eager callers need no marks)
     if ragged:
-        for t in (doc, keep):
+        for t, dim in positional:
             if t is not None:
-                torch._dynamo.maybe_mark_dynamic(t, 1)
-    mask_mod = _mask_mod(doc, keep, causal)
+                torch._dynamo.maybe_mark_dynamic(t, dim)
     block_mask = None
     if compiled and _COMPILED_MASKS:
         try:
             with _keep_static_graphs():
-                block_mask = compiled_create_block_mask()(mask_mod, B, None, seq_len, seq_len, device=device)
+                block_mask = compiled_create_block_mask()(mask_mod, B, None, seq_len, seq_len, device=device,
+                                                          BLOCK_SIZE=FLEX_BLOCK)
         except Exception as e:  # noqa: BLE001  (re-raised unless the compiler itself failed)
             if not is_compile_error(e):
                 raise
@@ -188,7 +210,7 @@ def flex_block_mask(doc_ids, key_padding, causal: bool, seq_len: int, device):
                           f"block masks eagerly from now on (slower, (B, L, L) intermediates)")
             _COMPILED_MASKS = False
     if block_mask is None:
-        block_mask = create_block_mask(mask_mod, B, None, seq_len, seq_len, device=device)
+        block_mask = create_block_mask(mask_mod, B, None, seq_len, seq_len, device=device, BLOCK_SIZE=FLEX_BLOCK)
     if ragged:
         for name in _BLOCK_MASK_TENSORS:
             t = getattr(block_mask, name, None)

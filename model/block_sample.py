@@ -4,7 +4,10 @@ KV cache of the finished blocks.
 The canvas is cut into blocks at multiples of the block size (column 0 is the first column of the padded
 prompt). The first block to generate may hold the prompt's tail, which stays fixed. For each block:
   - its masked positions are decoded in `steps` steps by the LLaDA rule with any decoding policy (fixed,
-    threshold, factor; remasking low_confidence or random) or by MDLM's ancestral rule;
+    threshold, factor; remasking low_confidence or random), by MDLM's ancestral rule, or by ReMDM
+    (model/remdm.py: `sampler="remdm"`, `remdm=ReMDMConfig(...)`), whose re-masking stays within the current
+    block: finished blocks are never revisited, so their cache stays exact. ReMDM steps the block on its own
+    time grid (t from 1 to remdm.t_min), then gives still-masked positions the network's argmax;
   - the network sees [clean finished blocks, current block] under the block-causal mask, which is exactly a
     training block's view (model/objectives/block.py).
 Because a clean block's keys and values depend only on itself and the clean blocks before it, they never
@@ -41,11 +44,16 @@ def block_generate(model, ids, real, *, objective, mask_id: int, gen_length: int
                    decode: str = "fixed", threshold: float = 0.9, factor: float = 1.0, kv_cache: bool = True,
                    eos_id: Optional[int] = None, min_new_tokens: int = 0, stop_at_eos: bool = False,
                    stop_fn=None, pad_id: int = 0, callback=None, stats: Optional[dict] = None,
-                   window: Optional[int] = None) -> torch.Tensor:
+                   window: Optional[int] = None, remdm=None) -> torch.Tensor:
     """ids (B, P) left-padded prompts (real: (B, P) bool or None). Returns (B, P + gen_length). `steps`: decoding
-    steps per full block (at most the block size is useful). window: the visible context (default
-    model.cfg.max_seq_len), a multiple of the block size."""
+    steps per full block (at most the block size is useful for the LLaDA and MDLM rules). window: the visible
+    context (default model.cfg.max_seq_len), a multiple of the block size. remdm: sampler="remdm"'s ReMDMConfig
+    (default: rescale)."""
     from .sample import _ban_eos, gumbel_argmax
+    if sampler == "remdm":
+        from .remdm import ReMDMConfig
+        remdm = remdm or ReMDMConfig()
+        remdm.check()
     bs = objective.block_size
     stats = stats if stats is not None else {}
     for key in ("forwards", "forward_rows", "forward_tokens"):
@@ -104,7 +112,13 @@ def block_generate(model, ids, real, *, objective, mask_id: int, gen_length: int
         off = max(0, -(-(e - window) // bs) * bs)  # slide by whole blocks so that [off, e) fits the window
         lo = max(a, P)  # generated columns of this block (the prompt's tail stays)
         n_steps = max(1, round(steps * (e - lo) / bs))
-        for s in range(n_steps):
+        if sampler == "remdm":
+            forward = (lambda rows: run_cached(rows, a, e, off, True)) if kv_cache else \
+                (lambda rows: run_full(rows, a, e, off))
+            _remdm_block(x, a, e, lo, active, forward, objective=objective, cfg=remdm, steps=n_steps,
+                         mask_id=mask_id, temperature=temperature, noise=noise, ban=lambda lg: _ban_eos(
+                             lg, eos_id, a - P, min_new_tokens), callback=callback)
+        for s in range(0 if sampler == "remdm" else n_steps):
             block = x[:, a:e]
             is_mask = (block == mask_id) & active[:, None]
             is_mask[:, :lo - a] = False
@@ -156,6 +170,42 @@ def block_generate(model, ids, real, *, objective, mask_id: int, gen_length: int
     x[:, P:] = torch.where(x[:, P:] == mask_id, torch.full_like(x[:, P:], pad_id if not stop_at_eos else eos_id),
                            x[:, P:])
     return x
+
+
+def _remdm_block(x, a: int, e: int, lo: int, active, forward, *, objective, cfg, steps: int, mask_id: int,
+                 temperature: float, noise, ban, callback) -> None:
+    """ReMDM within the block [a, e) of the canvas x (in place): `steps` steps of model.remdm.remdm_step on
+    the reference's time grid over the block's generated columns [lo, e) of the active rows (a row's decoded
+    tokens may be re-masked, so every active row runs every step), then the argmax where masks remain.
+    forward(rows) -> logits (len(rows), e - a, V) of the block given its clean past."""
+    from .remdm import ReMDMState, nucleus, remdm_step, time_grid
+    B = x.shape[0]
+    temp = temperature if temperature > 0 else 1.0  # ReMDM has no greedy mode (as model/remdm.py)
+    state = ReMDMState((B, e - a), x.device)
+    movable = active[:, None] & (torch.arange(a, e, device=x.device) >= lo)[None, :]
+
+    def logits_now():
+        rows = active.nonzero().squeeze(1)
+        sub = forward(rows)
+        logits = sub.new_zeros(B, e - a, sub.shape[-1])
+        logits[rows] = sub
+        ban(logits)
+        if mask_id < logits.shape[-1]:
+            logits[..., mask_id] = float("-inf")  # never propose the mask itself (MDLM's SUBS)
+        return logits.double()
+    for s_no, (t, s) in enumerate(time_grid(steps, cfg.t_min)):
+        if not bool(active.any()):
+            return
+        p = torch.softmax(logits_now() / temp, -1)
+        p = nucleus(p.reshape(-1, p.shape[-1]), cfg.top_p).reshape(p.shape)
+        u = noise.rows(active, e - a)
+        x[:, a:e] = remdm_step(p, x[:, a:e], t, s, cfg, mask_id=mask_id, u=u, objective=objective, state=state,
+                               active=movable)
+        if callback is not None:
+            callback(s_no, x)
+    left = (x[:, a:e] == mask_id) & movable
+    if bool(left.any()):  # the reference's noise_removal: the argmax at t_min
+        x[:, a:e] = torch.where(left, logits_now().argmax(-1), x[:, a:e])
 
 
 def _none(rows: int, n: int, device) -> torch.Tensor:

@@ -219,13 +219,17 @@ def _prepare(model, prompt: PromptLike, prompt_mask: Optional[torch.Tensor], bat
     return ids, real
 
 
-def check_options(sampler, remasking, decode, threshold, factor, kv_cache, refresh_every, gen_length, steps):
+def check_options(sampler, remasking, decode, threshold, factor, kv_cache, refresh_every, gen_length, steps, *,
+                  exact_cache: bool = False):
+    """exact_cache: the objective's sampler caches only finished clean blocks (block diffusion), which ReMDM's
+    re-masking within the current block never touches."""
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"unknown remasking {remasking!r}; choices: low_confidence, random")
     if sampler not in ("llada", "mdlm", "remdm", "psi"):  # psi: uniform / hybrid objectives (their generate)
         raise ValueError(f"unknown sampler {sampler!r}; choices: llada, mdlm, remdm, psi")
-    if sampler == "remdm" and (decode != "fixed" or kv_cache != "none"):
-        raise ValueError("sampler=remdm re-masks decoded tokens: it takes decode=fixed and kv_cache=none")
+    if sampler == "remdm" and (decode != "fixed" or (kv_cache != "none" and not exact_cache)):
+        raise ValueError("sampler=remdm re-masks decoded tokens: it takes decode=fixed and kv_cache=none "
+                         "(block diffusion checkpoints: any kv_cache, their cache holds finished blocks only)")
     if decode not in POLICIES:
         raise ValueError(f"unknown decode policy {decode!r}; choices: {', '.join(POLICIES)}")
     if decode != "fixed" and (sampler != "llada" or remasking != "low_confidence"):
@@ -272,7 +276,8 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
     sampler="remdm" (model/remdm.py) re-masks decoded tokens; `remdm` is its ReMDMConfig (strategy, eta, top_p,
     loop times; default: rescale). `stats`, when given, receives "forward_rows" (sequences pushed through the model), "forwards" (calls)
     and "forward_tokens" (token positions pushed through the model, the cost with a cache)."""
-    check_options(sampler, remasking, decode, threshold, factor, kv_cache, refresh_every, gen_length, steps)
+    check_options(sampler, remasking, decode, threshold, factor, kv_cache, refresh_every, gen_length, steps,
+                  exact_cache=bool(getattr(objective, "exact_kv_cache", False)))
     if pad_id is None:
         pad_id = eos_id if eos_id is not None else 0
     if pad_id == mask_id:
@@ -294,7 +299,7 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
                                   noise=noise, temperature=temperature, remasking=remasking, sampler=sampler,
                                   decode=decode, threshold=threshold, factor=factor, kv_cache=kv_cache != "none",
                                   eos_id=eos_id, min_new_tokens=min_new_tokens, stop_at_eos=stop_at_eos,
-                                  stop_fn=stop_fn, pad_id=pad_id, callback=callback, stats=stats)
+                                  stop_fn=stop_fn, pad_id=pad_id, callback=callback, stats=stats, remdm=remdm)
     if sampler == "psi":
         raise ValueError("sampler 'psi' steps a uniform or hybrid objective (diffusion.objective=uniform|hybrid); "
                          "masked checkpoints use sampler='remdm' for predictor-corrector steps")

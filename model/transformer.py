@@ -263,8 +263,9 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         rope = self.rope[cols]
         # The mask (or block mask, or varlen segments) is built once here and shared by every layer; `attn`, a
-        # caller's prebuilt AttentionBatch (a custom mask, e.g. block diffusion's), replaces it.
-        batch = attn if attn is not None else AttentionBatch.build(
+        # caller's prebuilt AttentionBatch (a custom mask, e.g. block diffusion's), replaces it (its dense boolean
+        # mask made additive in the compute dtype here, once).
+        batch = attn.for_dtype(self.compute_dtype(h)) if attn is not None else AttentionBatch.build(
             doc_ids, key_padding, causal=self.cfg.causal, backend=self.cfg.attn_backend, seq_len=L,
             device=tokens.device, dtype=self.compute_dtype(h), mask_known=mask_known)
         extra = {} if cond is None else {"cond": cond}

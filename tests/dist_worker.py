@@ -66,7 +66,7 @@ class Run:
     def __init__(self, cfg, data, layout: dict | None):
         self.cfg, self.data = cfg, data
         # The objective's own parameters (genmd4's exponents) join the model before it is parallelized.
-        self.objective = build_objective(cfg.diffusion, mask_id=cfg.model.mask_id)
+        self.objective = build_objective(cfg.diffusion, mask_id=cfg.model.mask_id, vocab_size=cfg.model.vocab_size)
         if layout is None:  # the single-process reference, on every rank
             self.dims, self.mesh = ParallelDims(1, 1, 1, 1), None
             model = Transformer(cfg.model)
@@ -124,17 +124,22 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def equivalence(out: Path, layouts: list[dict], steps: int, overrides: list[str], tag: str) -> None:
+def equivalence(out: Path, layouts: list[dict], steps: int, overrides: list[str], tag: str,
+                conditioned: bool = False) -> None:
     """Several optimizer steps of each layout in lock-step with the unsharded reference: compare initial
-    weights, per-step losses, gradients (before clipping), gradient norms, and weights after each update."""
+    weights, per-step losses, gradients (before clipping), gradient norms, and weights after each update.
+    conditioned: a time-conditioned model whose adaLN modulation is made non-zero identically in every layout
+    (zero-initialised, it would hide the noise level from the comparison)."""
     data = build_data(load_config(TINY, BASE + overrides).data, 0)
 
-    def config():
+    def run(layout):
+        if conditioned:
+            return _conditioned_run(data, overrides, layout)
         c = load_config(TINY, BASE + overrides)
         resolve_model(c, data)
-        return c
-    ref = Run(config(), data, None)
-    runs = [(layout, Run(config(), data, layout)) for layout in layouts]
+        return Run(c, data, layout)
+    ref = run(None)
+    runs = [(layout, run(layout)) for layout in layouts]
     report = {name["name"]: {"init": max_diff(r.params(), ref.params()), "loss": [], "grad": [], "gnorm": [],
                              "param": []} for name, r in runs}
     report["_ref_loss"] = []
@@ -688,7 +693,45 @@ def scenario_genmd4(out: Path) -> None:
     train_run(out, "genmd4_dp4", CKPT_RUN + GENMD4 + ["parallel.dp_shard=4"])
 
 
-SCENARIOS = {"genmd4": scenario_genmd4, "perf": scenario_perf, "two": scenario_two, "four": scenario_four, "resume": scenario_resume, "async_kill": scenario_async_kill,
+COND = ["model.time_conditioning=adaln", "model.cond_dim=32"]
+BASELINES = {  # issue 23: each objective in the variant its save/resume check trains
+    "sedd": ["diffusion.objective=sedd", "diffusion.graph=absorb"],
+    "d3pm": ["diffusion.objective=d3pm", "diffusion.graph=uniform", "diffusion.d3pm_steps=100"],
+    "dfm": ["diffusion.objective=dfm", "diffusion.source=mask", "diffusion.kappa_exponent=2"],
+}
+OTHER_GRAPH = {"sedd": ["diffusion.graph=uniform", "diffusion.sedd_noise=geometric"],
+               "d3pm": ["diffusion.graph=absorb"], "dfm": ["diffusion.source=uniform"]}
+RESUME_RUN = ["train.steps=4", "train.save_every=2", "train.eval_every=1000", "train.log_every=1"]
+
+
+def scenario_baselines(out: Path) -> None:
+    """4 processes, the classic baselines (sedd, d3pm, dfm; time-conditioned, the adaLN modulation perturbed
+    identically in every layout): DP2 x TP2 in lock-step with the unsharded reference for each objective in
+    both of its graphs / sources (2 steps). Then, per objective, a DP2 x TP2 run of 4 steps (the reference,
+    never stopped), the same run stopped (and checkpointed) at step 2, resumed from that checkpoint at
+    DP2 x TP2 (the same layout) and at DP4 (another data-parallel degree). Last, sedd's 4 steps under DeepSpeed
+    ZeRO-2 at DP4 (when deepspeed is installed), against the DP2 x TP2 reference."""
+    dp2_tp2 = {"name": "dp2_tp2", "rep": 1, "shard": 2, "tp": 2}
+    for name, over in BASELINES.items():
+        equivalence(out, [dp2_tp2], steps=2, overrides=COND + over, tag=name, conditioned=True)
+        equivalence(out, [dp2_tp2], steps=2, overrides=COND + over + OTHER_GRAPH[name], tag=f"{name}_other",
+                    conditioned=True)
+    for name, over in BASELINES.items():
+        common = COND + over + RESUME_RUN
+        train_run(out, f"{name}_reference", common + ["parallel.dp_shard=2", "parallel.tp=2"])
+        train_run(out, name, common + ["parallel.dp_shard=2", "parallel.tp=2", "train.stop_after=2"])
+        for tag, layout in (("same", ["parallel.dp_shard=2", "parallel.tp=2"]), ("dp4", ["parallel.dp_shard=4"])):
+            copy_run(out / name, out / f"{name}_{tag}")
+            train_run(out, f"{name}_{tag}", common + layout)
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return
+    train_run(out, "sedd_zero2", COND + BASELINES["sedd"] + RESUME_RUN + ["parallel.engine=deepspeed",
+                                                                        "parallel.zero_stage=2"])
+
+
+SCENARIOS = {"genmd4": scenario_genmd4, "baselines": scenario_baselines, "perf": scenario_perf, "two": scenario_two, "four": scenario_four, "resume": scenario_resume, "async_kill": scenario_async_kill,
              "async_resume": scenario_async_resume, "deepspeed": scenario_deepspeed, "time_cond": scenario_time_cond,
              "block": scenario_block, "uniform": scenario_uniform}
 

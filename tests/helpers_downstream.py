@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -28,9 +29,12 @@ def tiny_model(vocab: int = 40, mask_id: int = 39, *, causal: bool = False, seed
     return m.eval()
 
 
-def make_text_run(root: Path, *, causal: bool = False, seq_len: int = 96, seed: int = 0, vocab: int = 300) -> Path:
+def make_text_run(root: Path, *, causal: bool = False, seq_len: int = 96, seed: int = 0, vocab: int = 300,
+                  diffusion: Optional[dict] = None) -> Path:
     """A run directory (config.yaml, tokenizer.json + meta, model.safetensors) with a byte-level BPE trained on
-    a few sentences and a randomly initialised model: enough for eval.load and lm-eval end to end."""
+    a few sentences and a randomly initialised model: enough for eval.load and lm-eval end to end.
+    diffusion: diffusion.* settings (e.g. {"objective": "sedd"}); a time-conditioned objective gets an adaLN
+    model."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -53,6 +57,11 @@ def make_text_run(root: Path, *, causal: bool = False, seq_len: int = 96, seed: 
     cfg.data.seq_len = seq_len
     if causal:
         cfg.diffusion.objective = "ar"
+    for key, value in (diffusion or {}).items():
+        setattr(cfg.diffusion, key, value)
+    from model.objectives import OBJECTIVES
+    if OBJECTIVES[cfg.diffusion.objective].time_conditioning:
+        cfg.model.time_conditioning = "adaln"
     save_config(cfg, run / "config.yaml")
     model = Transformer(cfg.model)
     model.init_weights(seed=seed)

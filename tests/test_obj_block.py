@@ -64,12 +64,41 @@ def test_flex_block_mask_equals_brute_force_off_the_tile():
     idx = torch.arange(2 * L)
     assert torch.equal(pair_allowed(idx[:, None], idx[None, :], L, bs), brute_mask(L, bs))
     doc = torch.tensor([[0] * 37 + [1] * 33, [0] * 70])
-    bm = flex_training_mask(L, bs, doc, None, "cpu", _compile=False)
+    bm = flex_training_mask(L, bs, doc, None, "cpu")
     dense = training_mask(L, bs, doc)
     q, k, v = (torch.randn(2, 2, 2 * L, 16) for _ in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     out = flex_attention(q, k, v, block_mask=bm)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_block_masks_serve_every_length_with_two_graphs(monkeypatch):
+    """The GPU path on CPU: flex_training_mask through the process's compiled create_block_mask
+    (model.attention.make_block_mask). The full length compiles one static graph and every other length, of
+    any block size, one shared dynamic graph (the mask reads L and the block size from tensors); the masks
+    equal the dense one."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    import model.attention as attn
+    from test_gpu_compile import Counting, packed
+    backend = Counting()
+    torch._dynamo.reset()
+    for name, value in (("COMPILED_ON", ("cuda", "cpu")), ("_BLOCK_MASK", None), ("_COMPILED_MASKS", True),
+                        ("COMPILE_BACKEND", backend)):
+        monkeypatch.setattr(attn, name, value)
+    g = torch.Generator().manual_seed(0)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+            for L, bs in ((128, 4), (100, 4), (200, 8), (72, 2), (128, 4)):
+                doc = packed(2, L, mean=29)
+                q, k, v = (torch.randn(2, 2, 2 * L, 16, generator=g) for _ in range(3))
+                out = flex_attention(q, k, v, block_mask=flex_training_mask(L, bs, doc, None, "cpu"))
+                ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=training_mask(L, bs, doc))
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    assert backend.graphs == ["mask", "mask"], backend.graphs
 
 
 def _draw(obj, x0, seed=3):
@@ -170,6 +199,10 @@ def test_training_loss_gradient_matches_per_block_loss():
     torch.testing.assert_close(loss.double(), ref.double(), atol=1e-6, rtol=1e-6)  # the head's CE is fp32
     for a, c in zip(g1, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(a, c, atol=1e-7, rtol=1e-5)
+    # the trainer's path: flat positions computed on the host (Noised.to), mapped into the 2L input
+    moved = b.to("cpu")
+    assert moved.index is not None
+    assert torch.equal(blk.loss(model, moved, ce_chunk=5)[0], loss)
 
 
 def test_draw_is_stratified_over_batch_and_blocks_and_pure():
@@ -206,8 +239,9 @@ def test_clip_search_picks_the_least_variance_interval():
     from model.objectives.block import clip_candidates, clip_search
     cands = clip_candidates()
     assert (1e-3, 1.0) in cands and (0.5, 1.0) in cands and all(b - a >= 0.5 - 2e-3 for a, b in cands)
-    losses = {c: torch.randn(100) * (2.0 if c == (1e-3, 1.0) else 1.0 + c[0]) for c in cands}
-    assert clip_search(losses) == min(cands, key=lambda c: float(losses[c].double().var()))
+    variances = {c: 2.0 if c == (1e-3, 1.0) else 1.0 + abs(c[0] - 0.2) for c in cands}
+    assert clip_search(variances) == (0.2, 1.0)  # every interval from 0.2 ties: the widest
+    assert clip_search({(0.1, 0.6): 1.0, (0.1, 0.9): 1.0, (1e-3, 1.0): 3.0}) == (0.1, 0.9)  # ties: the wider
 
 
 # ------------------------------------------------------------------------------------- the bound, exactly

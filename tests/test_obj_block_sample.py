@@ -104,3 +104,71 @@ def test_samples_match_the_true_joint_and_the_test_has_power():
     obs_b = obs_b[keep]
     p_bad = chisquare(obs_b, exp[keep] * obs_b.sum() / exp[keep].sum()).pvalue if obs_b.sum() else 0.0
     assert p_bad < 1e-6
+
+
+# ------------------------------------------------------------------------------- ReMDM within the block
+def ancestral_reference(model, obj, B, L, per_block, seed, t_min=1e-5):
+    """Block ancestral sampling written out: per block, the objective's reverse step on ReMDM's time grid
+    (model/remdm.py time_grid), each position drawn by inverse CDF from one uniform of one shared generator,
+    the argmax where masks remain; the network sees [clean blocks, current block] (no cache)."""
+    from model.attention import AttentionBatch
+    from model.objectives.block import prefix_mask
+    from model.remdm import draw, time_grid
+    g = torch.Generator().manual_seed(seed)
+    bs = obj.block_size
+    x = torch.full((B, L), MASK)
+    for a in range(0, L, bs):
+        e = a + bs
+
+        def probs():
+            logits = model(x[:, :e], attn=AttentionBatch("sdpa", False, mask=prefix_mask(e, bs)))[:, a:].double()
+            logits[..., MASK] = float("-inf")
+            return logits.softmax(-1)
+        for t, s in time_grid(per_block, t_min):
+            step = obj.reverse_step(probs().reshape(-1, V), x[:, a:e].reshape(-1), t, s)
+            u = torch.rand((B, bs), generator=g, dtype=torch.float64)
+            x[:, a:e] = draw(step, u.reshape(-1)).view(B, bs)
+        left = x[:, a:e] == MASK
+        if bool(left.any()):
+            x[:, a:e] = torch.where(left, probs().argmax(-1), x[:, a:e])
+    return x
+
+
+def test_remdm_eta_zero_is_block_ancestral_sampling_and_the_cache_stays_exact():
+    from model.remdm import ReMDMConfig
+    model, obj = tiny(), block_obj(4)
+    B, L, per_block = 3, 16, 6
+    kw = dict(batch_size=B, mask_id=MASK, gen_length=L, steps=per_block * L // 4, temperature=1.0, objective=obj,
+              sampler="remdm")
+    for cache in ("none", "prefix"):
+        out = generate(model, None, generator=torch.Generator().manual_seed(5), kv_cache=cache,
+                       remdm=ReMDMConfig("rescale", eta=0.0, top_p=1.0), **kw)
+        assert torch.equal(out, ancestral_reference(model, obj, B, L, per_block, seed=5)), cache
+    # re-masking (eta > 0, every strategy) never reaches a finished block: with the cache == without, ragged
+    # prompts with their tail inside a block included
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    for cfg in (ReMDMConfig("rescale", 0.3), ReMDMConfig("conf"), ReMDMConfig("loop", 0.05)):
+        outs = [generate(model, prompts, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                         kv_cache=cache, remdm=cfg, pad_id=0, **{**kw, "batch_size": 2, "gen_length": 24})
+                for cache in ("none", "prefix")]
+        assert torch.equal(outs[0], outs[1]) and not bool((outs[0] == MASK).any()), cfg.strategy
+        assert torch.equal(outs[0][:, :6], torch.tensor([[0, 0, 0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]))
+
+
+def test_remdm_in_blocks_samples_the_true_joint():
+    """A perfect model, ReMDM re-masking within each block (rescale, eta 0.3, no nucleus): still the joint. A
+    full-support chain: two positions of a block unmasked in the same step (probability ~ 1 / steps) are drawn
+    independently, which a chain with forbidden transitions would show as impossible pairs."""
+    from model.remdm import ReMDMConfig
+    lang = MarkovLanguage(num_symbols=3, branching=3, concentration=0.4, seed=2)
+    S = lang.num_symbols
+    oracle, obj = Oracle(lang), block_obj(2, vocab=S + 1, mask=S)
+    N, L = 3000, 4
+    p = {}
+    for per_block in (128, 1):  # power: one step per block draws both tokens of a block independently
+        out = generate(oracle, None, batch_size=N, mask_id=S, gen_length=L, steps=per_block * L // 2,
+                       temperature=1.0, objective=obj, kv_cache="none", sampler="remdm",
+                       remdm=ReMDMConfig("rescale", 0.3, top_p=1.0), generator=torch.Generator().manual_seed(0))
+        obs, exp = joint_counts(lang, out)
+        p[per_block] = chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+    assert p[128] > 1e-3 and p[1] < 1e-6, p

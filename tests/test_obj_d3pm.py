@@ -147,6 +147,20 @@ def test_ancestral_sampler_exact_on_one_token(graph):
     assert chi_square_p(out, joint) > 1e-3
 
 
+@pytest.mark.parametrize("steps,calls", [(3, 3), (5, 5), (10, 10), (25, 10)])
+def test_any_number_of_steps_jumps_on_rounded_times(steps, calls):
+    """steps need not divide T: min(steps, T) network calls on round(T - i T / steps); one token's draw stays
+    exact (any skip posterior with the oracle p~ samples p)."""
+    joint = random_joint(V, 1, seed=9)
+    net = TableNet(V, 1, lambda z: torch.cat([joint.log(), torch.tensor([float("-inf")], dtype=torch.float64)])[None])
+    B, stats = 20_000, {}
+    out = d3pm("absorb", T=10).generate(net, torch.zeros(B, 0, dtype=torch.long), None, gen_length=1, steps=steps,
+                                        temperature=1.0, noise=Noise(torch.Generator().manual_seed(2), B, "cpu"),
+                                        stats=stats)
+    assert stats["forwards"] == calls and not bool((out == V).any())
+    assert chi_square_p(out, joint) > 1e-3
+
+
 def test_full_bound_needs_T_samples():
     obj = d3pm(T=10)
     with pytest.raises(ValueError, match="--samples 10"):

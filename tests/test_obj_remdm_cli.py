@@ -79,3 +79,33 @@ def test_genmd4_run_loads_generates_and_lists_its_unmasking_order(genmd4_run, ca
     assert len(first) == len(last) == 3
     assert first[0].split()[0] == "3.000"  # the largest exponent: the last token id
     assert last[0].split()[0] == "0.200" and "endoftext" in last[0]  # id 0; the mask id (1) is not listed
+
+
+def test_end_of_training_samples_are_scored_by_the_true_language():
+    """The trainer's closing samples (pretrain.loop.train.sample_and_show) print, next to each sample, its NLL
+    under the true language against the entropy, its unigram entropy against real samples', and the valid rate."""
+    import contextlib
+    from pathlib import Path
+
+    from data import build_data
+    from model import Transformer
+    from model.objectives import build_objective
+    from pretrain.config import load_config
+    from pretrain.loop.train import SHOW_SAMPLER_NAME, resolve_model, sample_and_show
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / "configs" / "tiny.yaml"),
+                      ["train.samples=2", "train.sample_steps=8", "data.seq_len=16"])
+    data = build_data(cfg.data, 0)
+    resolve_model(cfg, data)
+    model = Transformer(cfg.model)
+    model.init_weights(seed=0)
+    lines: list[str] = []
+    objective = build_objective(cfg.diffusion, mask_id=cfg.model.mask_id, vocab_size=cfg.model.vocab_size)
+    rows = sample_and_show(model, cfg, data, torch.device("cpu"), contextlib.nullcontext(), lines.append, objective)
+    assert len(rows) == 2 and all(len(r) == 16 and cfg.model.mask_id not in r for r in rows)
+    assert SHOW_SAMPLER_NAME in lines[0]
+    H = data.info["language"].entropy_per_token(16)
+    assert f"H = {H:.3f}" in lines[1]
+    assert len(lines) == 4
+    for line in lines[2:]:
+        assert f"vs H {H:.3f}" in line and "unigram H" in line and "valid transitions" in line

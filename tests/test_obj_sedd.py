@@ -107,29 +107,36 @@ def oracle_outputs(joint, obj, noise_table=None):
     return cond
 
 
-@pytest.mark.parametrize("graph,noise", [("absorb", "loglinear"), ("uniform", "loglinear"), ("uniform", "geometric")])
+@pytest.mark.parametrize("graph,noise", [("absorb", "loglinear"), ("absorb", "geometric"), ("uniform", "loglinear"),
+                                         ("uniform", "geometric")])
 def test_bound_is_tight_with_oracle_scores(graph, noise):
-    """V = 3, L = 3: the exact E_t E_z [sum_i sigma' SE_i] (+ prior) equals -log p(x) to 1e-4 for every x with the
-    oracle scores, and is strictly larger with perturbed scores."""
+    """V = 3, L = 3, every graph and noise, the exact bound B(x) = E_t E_z [sum_i sigma' SE_i] (+ prior) of each
+    of the 27 sequences, by enumeration:
+      1. oracle scores (the true ratios p_t(z^{i <- y}) / p_t(z) of the data distribution p): B(x) = -log p(x)
+         to 1e-4 for EVERY x (the bound is tight);
+      2. perturbed scores (a fixed random offset per position and token): sum_x p(x) B(x) > H(p) by more than
+         1e-3. This is what is true: perturbed scores drive another reverse process, whose samples have
+         some distribution p', and B(x) bounds -log p'(x) (SEDD's theorem), so the data average exceeds H(p) + KL(p || p') > H(p). Per sequence, B(x) < -log p(x) can
+         and does happen where p' puts more mass than p (with this perturbation: 9 of the 27 sequences for
+         absorb, 1 for uniform/loglinear), so no per-sequence claim is made.
+    Up to the neglected pieces, all tiny here: t < eps = 1e-9, and (absorb) the dropped prior term with
+    e^{-sigma(1)} <= 1e-7 of q_1 left on x."""
     L = 3
     joint = random_joint(V, L, seed=3)
     obj = sedd(graph, eps=1e-9, sedd_noise=noise, sedd_noise_eps=1e-7, sigma_min=1e-9, sigma_max=18.0)
     cond = oracle_outputs(joint, obj)
     g = torch.Generator().manual_seed(4)
     bumped = oracle_outputs(joint, obj, 0.3 * torch.randn(L, V + 1, generator=g, dtype=torch.float64))
-    xs = list(itertools.product(range(V), repeat=L))
-    entropy, bumped_mean = 0.0, 0.0
     nodes = 200 if noise == "geometric" else 100  # geometric sigma needs the finer log-t grid
-    for x in xs:
-        x0 = torch.tensor(x)
-        nll = -math.log(float(joint[x]))
+    entropy, bumped_mean = 0.0, 0.0
+    for x in itertools.product(range(V), repeat=L):
+        x0, p = torch.tensor(x), float(joint[x])
+        nll = -math.log(p)
         got = obj.exact_nelbo(cond, x0, nodes=nodes)
         assert abs(got - nll) < 1e-4, (x, got, nll)
-        entropy += float(joint[x]) * nll
-        bumped_mean += float(joint[x]) * obj.exact_nelbo(bumped, x0, nodes=nodes)
-    # a wrong score model is a different model: its bound exceeds the entropy on average over the data
-    # (per sequence it may fall below -log p_data(x) where that model puts more mass)
-    assert bumped_mean > entropy + 1e-3
+        entropy += p * nll
+        bumped_mean += p * obj.exact_nelbo(bumped, x0, nodes=nodes)
+    assert bumped_mean > entropy + 1e-3, (bumped_mean, entropy)
 
 
 class ScoreNet(torch.nn.Module):

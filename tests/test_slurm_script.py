@@ -2,7 +2,6 @@
 made before sbatch reads the script, the rendezvous address asked on the head node, and the preemption parts
 that must keep their meaning. (tests/test_slurm_cluster.py runs the script on a real cluster.)"""
 import ipaddress
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -75,7 +74,7 @@ def test_gpu_request_styles(generate, tmp_path, style, request_line):
     assert gpu_opts == [request_line]
     assert "--nproc-per-node=4" in out and "export OMP_NUM_THREADS=8" in out
     assert "train.device=cpu" not in out and "GPU job: NCCL, 4 process(es) per node" in out
-    assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in out
+    assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=3" in out
 
 
 def test_default_gpu_request_is_unchanged(generate, tmp_path):

@@ -215,6 +215,31 @@ class Objective(abc.ABC):
         """Raise ValueError when the objective cannot train on sequences of this length (block diffusion: the
         block size must divide it)."""
 
+    # -- a training noise chosen at validation (optional; block diffusion's clipped interval, BD3-LM's var_min)
+    def variants(self) -> dict:
+        """{key: objective}: alternatives of the training noise that validation compares by the variance of
+        their per-unit losses (`unit_losses` on the validation batches, with the validation noise), after which
+        the trainer calls `adopt`. Default: none (nothing is searched)."""
+        return {}
+
+    def unit_losses(self, model, batch: Noised, *, ce_chunk: int = 0) -> torch.Tensor:
+        """(B, k) losses of a noised micro-batch's units (block diffusion: each block's mean weighted loss)
+        whose variance `variants` are compared by."""
+        raise NotImplementedError(f"{self.name} has no per-unit losses")
+
+    def adopt(self, variances: dict) -> dict:
+        """Take the variant of least variance ({key: summed variance over the validation batches}) as the
+        training noise from now on; returns what the trainer logs about the choice."""
+        raise NotImplementedError(f"{self.name} has no variants")
+
+    def state(self) -> dict:
+        """What a checkpoint must keep of the objective besides the model's parameters (an adopted variant),
+        so a resumed run trains on the same noise. Default: nothing."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Restore `state()` on resume."""
+
     # -- noising and the training loss
     def draw(self, seed: int, step: int, global_batch: int, seq_len: int, *, stratified: bool = True,
              random_length_prob: float = 0.0) -> StepNoise:
@@ -252,6 +277,19 @@ class Objective(abc.ABC):
         """The bound of one short sequence by brute force (tests): cond_logprobs(xt (L,)) -> (L, V) float64
         log-probabilities of the clean token at every position given the network input xt."""
         raise NotImplementedError(f"{self.name} has no enumeration")
+
+    def conditional_refusal(self) -> Optional[str]:
+        """Why eval/likelihood.py's masked-answer estimator of log p(answer | context) (LLaDA's: mask l of the
+        answer's n tokens, l uniform, score them with the network's softmax without a noise level, weight n / l)
+        is NOT a bound of this objective's model, as a one-line message; None where it is (masked diffusion) or
+        the objective is exact (AR scores answers by its own path). Default: refused for a time-conditioned
+        network (its softmax needs the noise level, and its bound is its own estimator's)."""
+        if self.time_conditioning and not self.causal:
+            return (f"conditional log-likelihoods (lm-eval loglikelihood, eval.lambada) use the masked-diffusion "
+                    f"estimator, which is not a bound for diffusion.objective={self.name} ({self.title}: a "
+                    f"time-conditioned network with its own bound): refused rather than reporting a wrong "
+                    f"number; loglikelihood_rolling / eval.ppl (its own estimator) and generate_until work")
+        return None
 
     # -- generation
     def reverse_step(self, p_x0: torch.Tensor, z_t: torch.Tensor, t: float, s: float) -> torch.Tensor:

@@ -23,52 +23,69 @@ positions 0..L-1, under the mask (q and kv index the 2L input, blk = block of th
 ANDed with the document mask of packed data (and key padding at evaluation). Every noisy token then sees
 exactly what its block's own forward [x_0^{<b}, x_t^b] would show it, so one pass gives every block's loss,
 with logits only for the noisy half. The mask is built once per batch (an AttentionBatch shared by every
-layer and every activation-checkpoint recompute): a FlexAttention BlockMask with an explicit BLOCK_SIZE on
-CUDA, the equivalent dense boolean mask through SDPA elsewhere.
+layer and every activation-checkpoint recompute): on CUDA a FlexAttention BlockMask with an explicit
+BLOCK_SIZE from the process's one compiled create_block_mask (model.attention.make_block_mask; its mask_mod
+reads the block structure from per-position tables, so a random length reuses the compiled graph),
+elsewhere (and when 2L fits one tile) the equivalent dense mask through SDPA, made additive in the compute
+dtype once per forward.
 
 Noise: the step's draw is a pure function of (seed, step) over the global batch; the per-block u are
 stratified over batch x blocks (one draw of G * n_blocks), so a one-block draw is exactly masked diffusion's.
-BD3-LM's clipped interval [t_min, t_max] is an option (`block_t_min`, `block_t_max`), with `clip_search`
-for the variance-minimising interval; the weight stays w(t) (BD3-LM drops 1/t whenever t_min > 0.5; we never
-do), and the bound that evaluation reports always uses (eps, 1). `block_keep_first` is the bd3lms protocol:
-position 0 (BOS) is never masked and never scored.
+BD3-LM's clipped interval [t_min, t_max] is an option: fixed (`block_t_min`, `block_t_max`), or searched at
+every validation (`block_clip_search`: the candidate of least per-block loss variance is adopted, see
+`variants` and pretrain/loop/evaluate.py search_variants); the weight stays w(t) (BD3-LM drops 1/t whenever
+t_min > 0.5; we never do), and the bound that validation logs and evaluation reports always uses (eps, 1).
+`block_keep_first` is the bd3lms protocol: position 0 (BOS) is never masked and never scored.
 """
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..attention import AttentionBatch, flex_available
+from ..attention import FLEX_BLOCK, AttentionBatch, flex_available, make_block_mask
 from .base import EvalDraw, Noised, Objective, StepNoise, pad, register, sample_u, step_generator
 from .mdm import MaskedDiffusion, autocast_for, eval_generator, subset_nelbo
 from .schedules import get_schedule
 
-FLEX_BLOCK = 128  # FlexAttention's tile: passed explicitly (bd3lms issue 23: a mask built without it was wrong)
 _TAG_BLOCK_T, _TAG_BLOCK_COUNT, _TAG_BLOCK_POS = 11, 12, 13  # evaluation noise streams (mdm uses 1..4)
 
 
 # --------------------------------------------------------------------------------------------- the masks
+def allowed(q_clean, kv_clean, q_block, kv_block):
+    """The 2L training mask from each side's half (clean: in x_0) and block index within its half."""
+    diagonal = ~q_clean & ~kv_clean & (q_block == kv_block)
+    offset = ~q_clean & kv_clean & (kv_block < q_block)
+    causal = q_clean & kv_clean & (kv_block <= q_block)
+    return diagonal | offset | causal
+
+
+def position_tables(L: int, block_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean, block) of every position of the 2L input: whether it is in the clean half, and its block index
+    within its half."""
+    pos = torch.arange(2 * L, device=device)
+    clean = pos >= L
+    return clean, torch.where(clean, pos - L, pos) // block_size
+
+
 def pair_allowed(q: torch.Tensor, kv: torch.Tensor, L: int, block_size: int) -> torch.Tensor:
     """The 2L training mask as a function of query and key indices (broadcasting integer tensors): True where
-    q may attend kv. Used for the dense mask and, elementwise, as FlexAttention's mask_mod."""
-    q_noisy, kv_noisy = q < L, kv < L
-    qb = torch.where(q_noisy, q, q - L) // block_size
-    kb = torch.where(kv_noisy, kv, kv - L) // block_size
-    diagonal = q_noisy & kv_noisy & (qb == kb)
-    offset = q_noisy & ~kv_noisy & (kb < qb)
-    causal = ~q_noisy & ~kv_noisy & (kb <= qb)
-    return diagonal | offset | causal
+    q may attend kv."""
+    q_clean, kv_clean = q >= L, kv >= L
+    return allowed(q_clean, kv_clean, torch.where(q_clean, q - L, q) // block_size,
+                   torch.where(kv_clean, kv - L, kv) // block_size)
 
 
 def training_mask(L: int, block_size: int, doc_ids: Optional[torch.Tensor] = None,
                   key_padding: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
-    """Dense bool (B or 1, 1, 2L, 2L) mask of the 2L input, document and padding masks included."""
+    """Dense bool (B or 1, 1, 2L, 2L) mask of the 2L input, document and padding masks included (the forward
+    makes it additive in its compute dtype once: AttentionBatch.for_dtype)."""
     device = device if device is not None else (doc_ids.device if doc_ids is not None else None)
-    idx = torch.arange(2 * L, device=device)
-    mask = pair_allowed(idx[:, None], idx[None, :], L, block_size)[None, None]
+    clean, blk = position_tables(L, block_size, device)
+    mask = allowed(clean[:, None], clean[None, :], blk[:, None], blk[None, :])[None, None]
     if doc_ids is not None:
         d = torch.cat([doc_ids, doc_ids], 1)
         mask = mask & (d[:, :, None] == d[:, None, :])[:, None]
@@ -92,38 +109,40 @@ def prefix_mask(n: int, block_size: int, key_padding: Optional[torch.Tensor] = N
     return mask
 
 
-def flex_training_mask(L: int, block_size: int, doc_ids=None, key_padding=None, device=None, *, _compile=True):
-    """The 2L training mask as a FlexAttention BlockMask, tiles of FLEX_BLOCK x FLEX_BLOCK given explicitly
-    (2L need not be a multiple of it: the last tile is partial)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    rows = 1
-    d = keep = None
-    if doc_ids is not None:
-        d = torch.cat([doc_ids, doc_ids], 1)
-        rows = d.shape[0]
-    if key_padding is not None:
-        keep = torch.cat([key_padding, key_padding], 1).bool()
-        rows = keep.shape[0]
-
-    def mask_mod(b, h, q, kv):
-        ok = pair_allowed(q, kv, L, block_size)
-        if d is not None:
-            ok = ok & (d[b, q] == d[b, kv])
-        if keep is not None:
-            ok = ok & keep[b, kv]
-        return ok
-    B = rows if (d is not None or keep is not None) else None
-    return create_block_mask(mask_mod, B, None, 2 * L, 2 * L, device=device, BLOCK_SIZE=FLEX_BLOCK,
-                             _compile=_compile and torch.device(device).type == "cuda")
+def flex_training_mask(L: int, block_size: int, doc_ids=None, key_padding=None, device=None):
+    """The 2L training mask as a FlexAttention BlockMask with tiles of FLEX_BLOCK x FLEX_BLOCK given explicitly
+    (bd3lms issue 23); 2L need not be a multiple of the tile. Built by model.attention.make_block_mask: the
+    process's one compiled create_block_mask on CUDA. mask_mod reads the block structure from per-position
+    tables (never from L or the block size as Python numbers), so a new length reuses the compiled graph."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    clean, blk = position_tables(L, block_size, device)
+    d = torch.cat([doc_ids, doc_ids], 1) if doc_ids is not None else None
+    keep = torch.cat([key_padding, key_padding], 1).bool() if key_padding is not None else None
+    B = d.shape[0] if d is not None else (keep.shape[0] if keep is not None else None)
+    if d is None and keep is None:
+        def mask_mod(b, h, q, kv):
+            return allowed(clean[q], clean[kv], blk[q], blk[kv])
+    elif keep is None:
+        def mask_mod(b, h, q, kv):
+            return allowed(clean[q], clean[kv], blk[q], blk[kv]) & (d[b, q] == d[b, kv])
+    elif d is None:
+        def mask_mod(b, h, q, kv):
+            return allowed(clean[q], clean[kv], blk[q], blk[kv]) & keep[b, kv]
+    else:
+        def mask_mod(b, h, q, kv):
+            return allowed(clean[q], clean[kv], blk[q], blk[kv]) & (d[b, q] == d[b, kv]) & keep[b, kv]
+    return make_block_mask(mask_mod, B, 2 * L, device, positional=((clean, 0), (blk, 0), (d, 1), (keep, 1)))
 
 
 def training_attention(L: int, block_size: int, *, doc_ids=None, key_padding=None, device, backend="auto"
                        ) -> AttentionBatch:
-    """The 2L mask, built once per batch: flex on CUDA (backend auto or flex), dense SDPA otherwise."""
+    """The 2L mask, built once per batch and shared by every layer and recompute: flex on CUDA (backend auto or
+    flex; one tile or less takes the dense mask, as model.attention does), dense SDPA otherwise."""
     device = torch.device(device)
     if key_padding is not None and bool(key_padding.all()):
         key_padding = None
-    if backend in ("auto", "flex", "flash") and device.type == "cuda" and flex_available(device):
+    if backend in ("auto", "flex", "flash") and device.type == "cuda" and flex_available(device) \
+            and 2 * L > FLEX_BLOCK:
         return AttentionBatch("flex", False, block_mask=flex_training_mask(L, block_size, doc_ids, key_padding,
                                                                            device))
     return AttentionBatch("sdpa", False, mask=training_mask(L, block_size, doc_ids, key_padding, device))
@@ -131,13 +150,14 @@ def training_attention(L: int, block_size: int, *, doc_ids=None, key_padding=Non
 
 def two_l_forward(model, xt, x0, at, block_size: int, *, doc_ids=None, key_padding=None, **kw):
     """One vectorised forward of [x_t, x_0]: logits (or cross-entropies with `targets=`) at the positions `at`
-    (B, L) of the noisy half."""
+    of the noisy half: a (B, L) bool mask, or (N,) flat row-major positions of the (B, L) batch (computed on
+    the host by Noised.to: no device sync), mapped here to the (B, 2L) input."""
     B, L = x0.shape
     backend = getattr(getattr(model, "cfg", None), "attn_backend", "auto")
     attn = training_attention(L, block_size, doc_ids=doc_ids, key_padding=key_padding, device=x0.device,
                               backend=backend)
     positions = torch.arange(L, device=x0.device).repeat(2)
-    at2 = torch.cat([at, torch.zeros_like(at)], 1)
+    at2 = torch.cat([at, torch.zeros_like(at)], 1) if at.dtype == torch.bool else at + (at // L) * L
     return model(torch.cat([xt, x0], 1), attn=attn, positions=positions, logits_at=at2, **kw)
 
 
@@ -157,14 +177,13 @@ def per_block_logits(model, xt, x0, block_size: int, *, doc_ids=None, key_paddin
 
 
 # ------------------------------------------------------------------------------------- the noise interval
-def clip_search(block_losses: dict, min_width: float = 0.5) -> tuple:
-    """BD3-LM's data-driven interval: given per-interval samples of the per-block weighted losses
-    {(t_min, t_max): tensor of per-block losses}, the interval of least variance (widths >= min_width;
-    (eps, 1) is always a candidate). A pure function of its input: the trainer collects the losses."""
-    ok = {k: v for k, v in block_losses.items() if k[1] - k[0] >= min_width - 0.01}  # (eps, w): width w
-    if not ok:
-        raise ValueError(f"no candidate interval of width >= {min_width}")
-    return min(ok, key=lambda k: (float(torch.as_tensor(ok[k], dtype=torch.float64).var()), -(k[1] - k[0])))
+def clip_search(variances: dict) -> tuple:
+    """BD3-LM's data-driven interval (`_clipped_schedule_search`): given {(t_min, t_max): variance of the
+    per-block losses under that interval}, the interval of least variance; ties go to the wider interval. A
+    pure function: the trainer (pretrain/loop/evaluate.py `search_variants`) measures the variances."""
+    if not variances:
+        raise ValueError("no candidate interval to choose from")
+    return min(variances, key=lambda k: (float(variances[k]), -(k[1] - k[0])))
 
 
 def clip_candidates(widths=(0.5, 0.6, 0.7, 0.8, 0.9), delta: float = 0.05, eps: float = 1e-3) -> list:
@@ -185,6 +204,7 @@ class BlockDiffusion(Objective):
     title = "block diffusion"
     eval_methods = ("count", "t")
     input_multiplier = 2  # the network sees 2L tokens per training sequence (launch.plan, MFU)
+    exact_kv_cache = True  # generation caches finished clean blocks only (any sampler, ReMDM included)
     summary = "AR over blocks, masked diffusion within; 2L input [x_t, x_0] under a block mask; exact KV cache"
 
     def __init__(self, dcfg, *, mask_id=None, vocab_size=None):
@@ -202,6 +222,17 @@ class BlockDiffusion(Objective):
             raise ValueError(f"diffusion.block_t_min={dcfg.block_t_min} / block_t_max={dcfg.block_t_max}: need "
                              f"0 < t_min < t_max <= 1 (0 for t_min means diffusion.eps)")
         self.keep_first = bool(dcfg.block_keep_first)
+        self.search = bool(getattr(dcfg, "block_clip_search", False))
+        self.widths = tuple(float(w) for w in getattr(dcfg, "block_clip_widths", (0.5, 0.6, 0.7, 0.8, 0.9)))
+        self.delta = float(getattr(dcfg, "block_clip_delta", 0.05))
+        if self.search:
+            if bs == 1:
+                raise ValueError("diffusion.block_clip_search=true with diffusion.block_size=1: a one-token block "
+                                 "has no noise interval to search (its loss is the exact AR likelihood); set "
+                                 "block_clip_search=false")
+            if not self.widths or not all(0 < w <= 1 for w in self.widths) or not 0 < self.delta < 1:
+                raise ValueError(f"diffusion.block_clip_widths={list(self.widths)} / block_clip_delta={self.delta}: "
+                                 f"need widths in (0, 1] and 0 < delta < 1 (BD3-LM: 0.5..0.9 and 0.05)")
 
     # -- checks
     def check_model(self, mcfg) -> None:
@@ -210,14 +241,49 @@ class BlockDiffusion(Objective):
             raise ValueError("diffusion.objective=block has one noise level per block, not per row: set "
                              "model.time_conditioning=none (BD3-LM is not time-conditioned)")
 
-    def for_validation(self) -> "BlockDiffusion":
-        """The same objective with the unbiased interval (eps, 1): what validation logs as the bound."""
-        if self.t_min == self.eps and self.t_max == 1.0:
+    def with_interval(self, t_min: float, t_max: float) -> "BlockDiffusion":
+        """The same objective training on the noise interval [t_min, t_max] (itself if it already does)."""
+        if (self.t_min, self.t_max) == (t_min, t_max):
             return self
         import copy
-        unbiased = copy.copy(self)
-        unbiased.t_min, unbiased.t_max = self.eps, 1.0
-        return unbiased
+        other = copy.copy(self)
+        other.t_min, other.t_max = t_min, t_max
+        return other
+
+    def for_validation(self) -> "BlockDiffusion":
+        """The same objective with the unbiased interval (eps, 1): what validation logs as the bound."""
+        return self.with_interval(self.eps, 1.0)
+
+    # -- the clipped interval, searched at validation (BD3-LM's var_min; base.Objective.variants)
+    def variants(self) -> dict:
+        """With block_clip_search: BD3-LM's candidate intervals (and (eps, 1)), each as an objective."""
+        if not self.search:
+            return {}
+        return {c: self.with_interval(*c) for c in clip_candidates(self.widths, self.delta, self.eps)}
+
+    def unit_losses(self, model, batch: Noised, *, ce_chunk: int = 0) -> torch.Tensor:
+        """(B, n_blocks): each block's mean per-token weighted loss (unmasked tokens count 0), as BD3-LM
+        collects them for its variance search."""
+        B, L = batch.x0.shape
+        ce = self._block_ce(model, batch, ce_chunk)
+        ce = ce.full_tensor() if hasattr(ce, "full_tensor") else ce  # loss-parallel (TP): replicated
+        per = torch.zeros(B, L, dtype=torch.float32, device=batch.x0.device)
+        per[batch.at] = (ce * batch.weights).float()
+        return per.view(B, L // self.block_size, self.block_size).mean(-1)
+
+    def adopt(self, variances: dict) -> dict:
+        """Train on the least-variance interval from now on (the weight stays w(t); the bound stays (eps, 1))."""
+        self.t_min, self.t_max = clip_search(variances)
+        return {"block_t_min": self.t_min, "block_t_max": self.t_max, "clip_variance": float(variances[(
+            self.t_min, self.t_max)]), "clip_variance_unclipped": float(variances.get((self.eps, 1.0), math.nan))}
+
+    def state(self) -> dict:
+        """The adopted interval (only when searched: a fixed interval comes from the config)."""
+        return {"block_t_min": self.t_min, "block_t_max": self.t_max} if self.search else {}
+
+    def load_state(self, state: dict) -> None:
+        if self.search and state:
+            self.t_min, self.t_max = float(state["block_t_min"]), float(state["block_t_max"])
 
     def check_seq_len(self, seq_len: int) -> None:
         if seq_len % self.block_size:
@@ -264,10 +330,14 @@ class BlockDiffusion(Objective):
     def scored(self, L: int) -> int:
         return L - 1 if self.keep_first else L
 
+    def _block_ce(self, model, batch: Noised, ce_chunk: int) -> torch.Tensor:
+        """Cross-entropies at the masked positions of the noisy half, from one 2L forward."""
+        return two_l_forward(model, batch.xt, batch.x0, batch.selected(), self.block_size, doc_ids=batch.doc_ids,
+                             targets=batch.targets, ce_chunk=ce_chunk)
+
     def loss(self, model, batch: Noised, *, ce_chunk: int = 0):
         B, L = batch.x0.shape
-        ce = two_l_forward(model, batch.xt, batch.x0, batch.at, self.block_size, doc_ids=batch.doc_ids,
-                           targets=batch.targets, ce_chunk=ce_chunk)
+        ce = self._block_ce(model, batch, ce_chunk)
         loss = (ce * batch.weights).sum() / (B * self.scored(L))
         return loss, {"masked_frac": batch.at.float().mean().detach(),
                       "ce_masked": ce.detach().mean() if ce.numel() else torch.zeros((), device=batch.x0.device)}

@@ -35,6 +35,9 @@ class DiffusionConfig:
     block_t_min: float = 0.0  # training noise interval [t_min, t_max] (BD3-LM's clipping); 0: diffusion.eps
     block_t_max: float = 1.0  # the weight stays 1/t; the logged bound always uses (eps, 1)
     block_keep_first: bool = False  # the bd3lms protocol: position 0 (BOS) is never masked and never scored
+    block_clip_search: bool = False  # BD3-LM's var_min: validation adopts the interval of least loss variance
+    block_clip_widths: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])  # and (eps, 1)
+    block_clip_delta: float = 0.05  # candidate intervals start at multiples of this
     # objective=sedd (model/objectives/sedd.py) and d3pm (model/objectives/d3pm.py)
     graph: Literal["absorb", "uniform"] = "absorb"  # sedd/d3pm: absorbing (mask) or uniform transitions
     sedd_noise: Literal["loglinear", "geometric"] = "loglinear"  # sedd: sigma(t) (SEDD's noise_lib)

@@ -30,8 +30,8 @@ never uses).
 Bound (eval.ppl), always the pure variational bound, never the hybrid loss:
   "step": the single-step estimator T L_{t-1} + prior, t stratified over the K samples of a sequence;
   "full": the full T-term bound sum_t L_{t-1} + prior, one fresh x_t per t (needs --samples = T).
-Sampler: ancestral over `steps` steps (T / steps steps skipped at a time with the closed-form skip posterior;
-steps = T is D3PM's ancestral sampler).
+Sampler: ancestral in min(steps, T) jumps on the integer times round(T - i T / steps) (T / steps steps at a
+time when steps divides T), each the closed-form skip posterior; steps = T is D3PM's ancestral sampler.
 """
 from __future__ import annotations
 
@@ -41,10 +41,12 @@ from typing import Optional
 
 import torch
 
-from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, pad, register
+from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, register
+from .common import (RealVocab, add_token_draw, categorical, corrupt, count_forward, enumeration_states,
+                     graph_setting, pad_draws, pattern_probs, position_uniforms, real_columns,
+                     real_log_probs)
 from .mdm import autocast_for, eval_generator
-from .sedd import pattern_probs, real_columns
-from .uniform import UniformDiffusion, prior_kl, real_count, uniform_tokens
+from .uniform import prior_kl
 
 _TAG_TOK, _TAG_EVAL_T, _TAG_EVAL_POS, _TAG_EVAL_TOK = 41, 42, 43, 44
 
@@ -96,7 +98,7 @@ def kl_rows(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class D3PM(Objective):
+class D3PM(RealVocab, Objective):
     """d3pm: discrete-time absorbing / uniform diffusion, KL per step + hybrid CE."""
     name = "d3pm"
     title = "discrete-time structured diffusion (D3PM)"
@@ -104,14 +106,11 @@ class D3PM(Objective):
     head_has_mask = False
     eval_methods = ("step", "full")
     summary = "T discrete steps, absorb|uniform matrices; T (KL_t + lambda CE); t drawn in {1..T}"
+    row_loss_bytes = 41  # launch.plan: bytes per logit of a row-loss chunk (benchmarks/row_loss_bytes.py): uniform; absorb 16
 
     def __init__(self, dcfg, *, mask_id=None, vocab_size=None):
         super().__init__(dcfg, mask_id=mask_id, vocab_size=vocab_size)
-        self.graph = getattr(dcfg, "graph", "absorb")
-        if self.graph not in ("absorb", "uniform"):
-            raise ValueError(f"diffusion.graph={self.graph!r}; choices: absorb, uniform")
-        if self.graph == "absorb" and mask_id is None:
-            raise ValueError("diffusion.graph=absorb needs a mask token (model.mask_id)")
+        self.graph = graph_setting(dcfg, mask_id, vocab_size)
         self.T = int(getattr(dcfg, "d3pm_steps", 1000))
         if self.T < 1:
             raise ValueError(f"diffusion.d3pm_steps={self.T} must be >= 1")
@@ -121,12 +120,8 @@ class D3PM(Objective):
                           float(dcfg.d3pm_beta_max), absorb=self.graph == "absorb")
         self.abar = torch.cumprod(1.0 - self.beta, 0)  # abar_0 = 1
         self.logits_at = "masked" if self.graph == "absorb" else "all"
-
-    @property
-    def n_real(self) -> int:
-        if self.vocab_size is None:
-            raise ValueError(f"diffusion.objective={self.name} needs the vocabulary size (model.vocab_size)")
-        return real_count(self.vocab_size, self.mask_id)
+        if self.graph == "absorb":
+            self.row_loss_bytes = 16  # c_t CE only (the uniform graph's two posteriors and their KL: 41)
 
     def prior_nats(self) -> float:
         return 0.0 if self.graph == "absorb" else prior_kl(float(self.abar[-1]), self.n_real)
@@ -139,10 +134,7 @@ class D3PM(Objective):
     def draw(self, seed, step, global_batch, seq_len, *, stratified=True, random_length_prob=0.0) -> StepNoise:
         noise = draw_step_noise(seed, step, global_batch, seq_len, stratified=stratified,
                                 random_length_prob=random_length_prob)
-        if self.graph == "uniform":
-            noise.extra["tok_u"] = torch.rand(global_batch, seq_len, generator=eval_generator(seed, _TAG_TOK, step))
-            noise.positional = noise.positional + ("tok_u",)
-        return noise
+        return add_token_draw(noise, seed, step, _TAG_TOK) if self.graph == "uniform" else noise
 
     def step_of(self, u: torch.Tensor) -> torch.Tensor:
         """u in (0, 1] -> t = ceil(u T) in {1..T}: every step has probability 1 / T."""
@@ -150,9 +142,8 @@ class D3PM(Objective):
 
     def perturb(self, x0, t_int, pos_u, tok_u=None):
         hit = pos_u.double() < (1.0 - self.abar.to(x0.device)[t_int])[:, None]
-        if self.graph == "absorb":
-            return torch.where(hit, torch.full_like(x0, self.mask_id), x0)
-        return torch.where(hit, uniform_tokens(tok_u, self.n_real, self.mask_id).to(x0.device), x0)
+        return corrupt(x0, hit, absorb=self.graph == "absorb", mask_id=self.mask_id, tok_u=tok_u,
+                       n_real=self.n_real if self.graph == "uniform" else 0)
 
     def noise(self, x0, noise: StepNoise, doc_ids=None) -> Noised:
         t_int = self.step_of(noise.u).to(x0.device)
@@ -162,8 +153,7 @@ class D3PM(Objective):
 
     def terms(self, logits, z, x, t_int):
         """(vb, ce) per token: L_{t-1} and CE(p~, x_0), from logits (n, V) at tokens z, clean x, steps t_int."""
-        keep = real_columns(logits.shape[-1], self.mask_id, logits.dtype, logits.device)
-        logp = torch.log_softmax(logits.masked_fill(keep == 0, float("-inf")), -1)
+        logp = real_log_probs(logits, self.mask_id)
         ce = -logp.gather(-1, x[:, None])[:, 0]
         ab = self.abar.to(logits.device)
         ab_t, ab_s = ab[t_int].to(logits.dtype), ab[t_int - 1].to(logits.dtype)
@@ -214,18 +204,13 @@ class D3PM(Objective):
             t, weight = 1 + min(self.T - 1, int(((u0 + sample / samples) % 1.0) * self.T)), float(self.T)
         else:
             raise ValueError(f"unknown estimator {method!r} for d3pm; choices: step, full")
-        L = maskable.numel()
-        pos = torch.rand(L, generator=eval_generator(seed, _TAG_EVAL_POS, seq, sample))
-        tok = torch.rand(L, generator=eval_generator(seed, _TAG_EVAL_TOK, seq, sample))
+        pos, tok = position_uniforms(seed, maskable.numel(), seq, sample, _TAG_EVAL_POS, _TAG_EVAL_TOK)
         return EvalDraw({"t": t, "pos": pos, "tok": tok, "scored": maskable.clone()}, weight)
 
     def eval_sums(self, model, x0, draws, *, keep, subs=True):
         dev = x0.device
-        L = x0.shape[1]
         t_int = torch.tensor([d.noise["t"] for d in draws], dtype=torch.long, device=dev)
-        pos, _ = pad([d.noise["pos"] for d in draws], 2.0, dev, length=L)
-        tok, _ = pad([d.noise["tok"] for d in draws], 0.0, dev, length=L)
-        scored, _ = pad([d.noise["scored"] for d in draws], False, dev, length=L)
+        pos, tok, scored = pad_draws(draws, {"pos": 2.0, "tok": 0.0, "scored": False}, x0.shape[1], dev)
         xt = torch.where(scored, self.perturb(x0, t_int, pos, tok), x0)
         sel = self.selected(xt, scored)
         sums = torch.zeros(x0.shape[0], dtype=torch.float64, device=dev)
@@ -239,8 +224,7 @@ class D3PM(Objective):
 
     # -- brute force (tests)
     def states(self) -> list[int]:
-        real = [i for i in range(self.vocab_size) if i != self.mask_id]
-        return [self.mask_id] + real if self.graph == "absorb" else real
+        return enumeration_states(self.vocab_size, self.mask_id, self.graph == "absorb")
 
     def q_table(self, x0, Z, t: int) -> torch.Tensor:
         """(K,) float64 q(Z_k | x0) after t steps."""
@@ -282,39 +266,29 @@ class D3PM(Objective):
     @torch.no_grad()
     def generate(self, model, ids, real, *, gen_length: int, steps: int, noise, temperature: float = 0.0,
                  callback=None, stats=None, **_):
-        """Ancestral sampling over the T steps, `steps` network calls (T / steps steps skipped at a time, the
-        closed-form skip posterior; steps must divide T). temperature > 0 divides the logits of p~."""
-        if self.T % steps:
-            raise ValueError(f"steps={steps} must divide diffusion.d3pm_steps={self.T}")
+        """Ancestral sampling over the T steps in min(steps, T) network calls, on the integer times
+        round(T - i T / steps) (T / steps steps at a time when steps divides T), each jump the closed-form skip
+        posterior; steps = T is D3PM's ancestral sampler. temperature > 0 divides the logits of p~."""
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be >= 1")
+        grid = sorted({round(self.T - i * self.T / steps) for i in range(steps + 1)}, reverse=True)
         stats = stats if stats is not None else {}
         B, P = ids.shape
-        G = gen_length
-        dev = ids.device
+        G, dev = gen_length, ids.device
+        x, kp = self.start_canvas(ids, real, G, noise, absorb=self.graph == "absorb")
         allrows = torch.ones(B, dtype=torch.bool, device=dev)
-        if self.graph == "absorb":
-            gen = torch.full((B, G), self.mask_id, dtype=torch.long, device=dev)
-        else:
-            gen = uniform_tokens(noise.rows(allrows, G), self.n_real, self.mask_id).to(dev)
-        x = torch.cat([ids, gen], 1)
-        kp = None if real is None or bool(real.all()) else \
-            torch.cat([real, torch.ones(B, G, dtype=torch.bool, device=dev)], 1)
-        stride = self.T // steps
-        for i, t in enumerate(range(self.T, 0, -stride)):
-            s = t - stride
-            stats["forwards"] = stats.get("forwards", 0) + 1
-            stats["forward_rows"] = stats.get("forward_rows", 0) + B
-            stats["forward_tokens"] = stats.get("forward_tokens", 0) + B * x.shape[1]
+        for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+            count_forward(stats, B, x.shape[1])
             tt = torch.full((B,), t / self.T, dtype=torch.float32, device=dev)
             with autocast_for(dev):
                 logits = model(x, key_padding=kp, t=tt)[:, P:].double()
             if temperature > 0:
                 logits = logits / temperature
-            keep = real_columns(logits.shape[-1], self.mask_id, logits.dtype, dev)
-            p0 = torch.softmax(logits.masked_fill(keep == 0, float("-inf")), -1)
+            p0 = real_log_probs(logits, self.mask_id).exp()
             V = p0.shape[-1]
             q = posterior(p0.reshape(-1, V), x[:, P:].reshape(-1), float(self.abar[s]), float(self.abar[t]),
                           graph=self.graph, mask_id=self.mask_id)
-            x[:, P:] = UniformDiffusion.categorical(q, noise.rows(allrows, G).reshape(-1)).view(B, G)
+            x[:, P:] = categorical(q, noise.rows(allrows, G).reshape(-1)).view(B, G)
             if callback is not None:
                 callback(i + 1, x)
         return x

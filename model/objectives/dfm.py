@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional
 
 import torch
 
-from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, pad, register
+from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, register
+from .common import (RealVocab, add_token_draw, categorical, choice, corrupt, count_forward, enumeration_states,
+                     need_mask, pad_draws, pattern_probs, position_uniforms, real_columns,
+                     real_log_probs)
 from .mdm import autocast_for, eval_generator
-from .sedd import pattern_probs, real_columns
-from .uniform import UniformDiffusion, real_count, uniform_tokens
 
 _TAG_TOK, _TAG_EVAL_K, _TAG_EVAL_POS, _TAG_EVAL_TOK = 51, 52, 53, 54
 EVAL_EPS = 1e-3  # estimate_likelihood's (1 - 1e-3) scale of the grid
@@ -56,7 +56,7 @@ def generalized_kl(logits: torch.Tensor, xs: torch.Tensor, x1: torch.Tensor, w: 
 
 
 @register
-class DiscreteFlowMatching(Objective):
+class DiscreteFlowMatching(RealVocab, Objective):
     """dfm: the mixture path with a mask or uniform source, the polynomial scheduler, CE or generalised KL."""
     name = "dfm"
     title = "discrete flow matching (mixture path)"
@@ -64,28 +64,19 @@ class DiscreteFlowMatching(Objective):
     logits_at = "all"
     eval_methods = ("elbo",)
     summary = "mixture path, mask|uniform source, kappa = s^n; generalised KL (ELBO) or CE (not a bound)"
+    row_loss_bytes = 16  # launch.plan: bytes per logit of a row-loss chunk (benchmarks/row_loss_bytes.py)
 
     def __init__(self, dcfg, *, mask_id=None, vocab_size=None):
         super().__init__(dcfg, mask_id=mask_id, vocab_size=vocab_size)
-        self.source = getattr(dcfg, "source", "mask")
-        if self.source not in ("mask", "uniform"):
-            raise ValueError(f"diffusion.source={self.source!r}; choices: mask, uniform")
-        if self.source == "mask" and mask_id is None:
-            raise ValueError("diffusion.source=mask needs a mask token (model.mask_id)")
+        self.source = choice(dcfg, "source", "mask", ("mask", "uniform"))
+        if self.source == "mask":
+            need_mask("diffusion.source=mask", mask_id, vocab_size)
         self.n = float(getattr(dcfg, "kappa_exponent", 1.0))
         if not self.n > 0:
             raise ValueError(f"diffusion.kappa_exponent={self.n} must be > 0")
-        self.loss_kind = getattr(dcfg, "dfm_loss", "generalized_kl")
-        if self.loss_kind not in ("generalized_kl", "cross_entropy"):
-            raise ValueError(f"diffusion.dfm_loss={self.loss_kind!r}; choices: generalized_kl, cross_entropy")
+        self.loss_kind = choice(dcfg, "dfm_loss", "generalized_kl", ("generalized_kl", "cross_entropy"))
         self.eps = dcfg.eps
         self.head_has_mask = self.source == "mask"
-
-    @property
-    def n_real(self) -> int:
-        if self.vocab_size is None:
-            raise ValueError(f"diffusion.objective={self.name} needs the vocabulary size (model.vocab_size)")
-        return real_count(self.vocab_size, self.mask_id)
 
     # DFM's time s = 1 - t, and its scheduler
     def kappa(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,20 +93,14 @@ class DiscreteFlowMatching(Objective):
     def draw(self, seed, step, global_batch, seq_len, *, stratified=True, random_length_prob=0.0) -> StepNoise:
         noise = draw_step_noise(seed, step, global_batch, seq_len, stratified=stratified,
                                 random_length_prob=random_length_prob)
-        if self.source == "uniform":
-            noise.extra["tok_u"] = torch.rand(global_batch, seq_len, generator=eval_generator(seed, _TAG_TOK, step))
-            noise.positional = noise.positional + ("tok_u",)
-        return noise
+        return add_token_draw(noise, seed, step, _TAG_TOK) if self.source == "uniform" else noise
 
     def sample_path(self, x1, kappa, pos_u, tok_u=None):
         """x_s: the source where pos_u < 1 - kappa (per row; masked diffusion's event at alpha = kappa, so the
         same draws give the same masks), else x_1."""
-        keep = ~(pos_u.double() < (1.0 - kappa.double())[:, None])
-        if self.source == "mask":
-            src = torch.full_like(x1, self.mask_id)
-        else:
-            src = uniform_tokens(tok_u, self.n_real, self.mask_id).to(x1.device)
-        return torch.where(keep, x1, src)
+        hit = pos_u.double() < (1.0 - kappa.double())[:, None]
+        return corrupt(x1, hit, absorb=self.source == "mask", mask_id=self.mask_id, tok_u=tok_u,
+                       n_real=self.n_real if self.source == "uniform" else 0)
 
     def noise(self, x0, noise: StepNoise, doc_ids=None) -> Noised:
         t = noise_level(noise.u, self.eps)
@@ -157,18 +142,13 @@ class DiscreteFlowMatching(Objective):
             raise ValueError("a sequence with no scored positions has nothing to estimate")
         shift = torch.rand(1, generator=eval_generator(seed, _TAG_EVAL_K, seq), dtype=torch.float64).item()
         k = (1.0 - EVAL_EPS) * ((shift + sample / samples) % 1.0)
-        L = maskable.numel()
-        pos = torch.rand(L, generator=eval_generator(seed, _TAG_EVAL_POS, seq, sample))
-        tok = torch.rand(L, generator=eval_generator(seed, _TAG_EVAL_TOK, seq, sample))
+        pos, tok = position_uniforms(seed, maskable.numel(), seq, sample, _TAG_EVAL_POS, _TAG_EVAL_TOK)
         return EvalDraw({"k": k, "pos": pos, "tok": tok, "scored": maskable.clone()}, 1.0)
 
     def eval_sums(self, model, x0, draws, *, keep, subs=True):
         dev = x0.device
-        L = x0.shape[1]
         k = torch.tensor([d.noise["k"] for d in draws], dtype=torch.float64, device=dev)
-        pos, _ = pad([d.noise["pos"] for d in draws], 2.0, dev, length=L)
-        tok, _ = pad([d.noise["tok"] for d in draws], 0.0, dev, length=L)
-        scored, _ = pad([d.noise["scored"] for d in draws], False, dev, length=L)
+        pos, tok, scored = pad_draws(draws, {"pos": 2.0, "tok": 0.0, "scored": False}, x0.shape[1], dev)
         xs = torch.where(scored, self.sample_path(x0, k, pos, tok), x0)
         t = 1.0 - k ** (1.0 / self.n)  # the network's level: s = kappa^{-1}(k), t = 1 - s
         kp = None if bool(keep.all()) else keep
@@ -180,8 +160,7 @@ class DiscreteFlowMatching(Objective):
 
     # -- brute force (tests)
     def states(self) -> list[int]:
-        real = [i for i in range(self.vocab_size) if i != self.mask_id]
-        return [self.mask_id] + real if self.source == "mask" else real
+        return enumeration_states(self.vocab_size, self.mask_id, self.source == "mask")
 
     def exact_nelbo(self, cond_logprobs, x0, nodes: int = 200) -> float:
         """integral over k in [0, 1 - 1e-3) of E_{x_k}[sum_i l_i] dk / (1 - 1e-3) (the estimator's expectation),
@@ -217,31 +196,21 @@ class DiscreteFlowMatching(Objective):
         """The Euler jump solver (module docstring): `steps` network calls on s = 0 .. 1 - 1e-3."""
         stats = stats if stats is not None else {}
         B, P = ids.shape
-        G = gen_length
-        dev = ids.device
+        G, dev = gen_length, ids.device
+        x, kp = self.start_canvas(ids, real, G, noise, absorb=self.source == "mask")
         allrows = torch.ones(B, dtype=torch.bool, device=dev)
-        if self.source == "mask":
-            gen = torch.full((B, G), self.mask_id, dtype=torch.long, device=dev)
-        else:
-            gen = uniform_tokens(noise.rows(allrows, G), self.n_real, self.mask_id).to(dev)
-        x = torch.cat([ids, gen], 1)
-        kp = None if real is None or bool(real.all()) else \
-            torch.cat([real, torch.ones(B, G, dtype=torch.bool, device=dev)], 1)
         grid = torch.linspace(0.0, 1.0 - EVAL_EPS, steps + 1, dtype=torch.float64).tolist()
         for i in range(steps):
             s, h = grid[i], grid[i + 1] - grid[i]
-            stats["forwards"] = stats.get("forwards", 0) + 1
-            stats["forward_rows"] = stats.get("forward_rows", 0) + B
-            stats["forward_tokens"] = stats.get("forward_tokens", 0) + B * x.shape[1]
+            count_forward(stats, B, x.shape[1])
             tt = torch.full((B,), 1.0 - s, dtype=torch.float32, device=dev)
             with autocast_for(dev):
                 logits = model(x, key_padding=kp, t=tt)[:, P:].double()
             if temperature > 0:
                 logits = logits / temperature
-            keep = real_columns(logits.shape[-1], self.mask_id, logits.dtype, dev)
-            p1 = torch.softmax(logits.masked_fill(keep == 0, float("-inf")), -1)
+            p1 = real_log_probs(logits, self.mask_id).exp()
             V = p1.shape[-1]
-            x1 = UniformDiffusion.categorical(p1.reshape(-1, V), noise.rows(allrows, G).reshape(-1)).view(B, G)
+            x1 = categorical(p1.reshape(-1, V), noise.rows(allrows, G).reshape(-1)).view(B, G)
             u = noise.rows(allrows, G)
             if i == steps - 1:
                 x[:, P:] = x1

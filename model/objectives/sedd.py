@@ -52,9 +52,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, pad, register
-from .mdm import autocast_for, eval_generator
-from .uniform import UniformDiffusion, eval_time, prior_kl, real_count, uniform_tokens
+from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, register
+from .common import (RealVocab, add_token_draw, categorical, choice, corrupt, count_forward, enumeration_states,
+                     graph_setting, pad_draws, pattern_probs, position_uniforms, real_columns)
+from .mdm import autocast_for
+from .uniform import eval_time, prior_kl
 
 _TAG_TOK, _TAG_EVAL_POS, _TAG_EVAL_TOK = 31, 32, 33
 
@@ -97,14 +99,6 @@ def log_score(f: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, *, graph: s
     return s.scatter(-1, z[:, None], torch.zeros_like(s[:, :1]))
 
 
-def real_columns(V: int, mask_id: Optional[int], dtype, device) -> torch.Tensor:
-    """(V,) 1 at real token ids, 0 at the mask id."""
-    keep = torch.ones(V, dtype=dtype, device=device)
-    if mask_id is not None and 0 <= mask_id < V:
-        keep[mask_id] = 0.0
-    return keep
-
-
 def score_entropy_absorb(s: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, mask_id: int) -> torch.Tensor:
     """(n,) SE at masked positions: sum_{y real} e^{s_y} - r s_x + r (log r - 1), r = 1 / (e^sigma - 1); the mask
     column is excluded by its index."""
@@ -132,61 +126,37 @@ def score_entropy_uniform(s: torch.Tensor, z: torch.Tensor, x: torch.Tensor, sig
     return pos - neg + const
 
 
-def pattern_probs(Z: torch.Tensor, x0: torch.Tensor, mask_id, p_mask: float, p_same: float,
-                  p_other: float) -> torch.Tensor:
-    """(K,) float64 prod_i q(Z_ki | x0_i) for per-token probabilities of a mask, of x0 itself and of another
-    token (brute-force enumeration in tests; float64 throughout)."""
-    per = torch.full(Z.shape, p_other, dtype=torch.float64)
-    per[Z == x0[None]] = p_same
-    if mask_id is not None:
-        per[Z == mask_id] = p_mask
-    return per.prod(1)
-
-
 @register
-class SEDD(Objective):
+class SEDD(RealVocab, Objective):
     """sedd: score entropy over the absorbing or uniform graph; log-linear or geometric noise."""
     name = "sedd"
     title = "score entropy discrete diffusion (SEDD)"
     time_conditioning = True
     eval_methods = ("t", "mdlm")
     summary = "absorb|uniform CTMC; denoising score entropy x sigma'; Euler / analytic samplers"
+    row_loss_bytes = 20  # launch.plan: bytes per logit of a row-loss chunk (benchmarks/row_loss_bytes.py)
 
     def __init__(self, dcfg, *, mask_id=None, vocab_size=None):
         super().__init__(dcfg, mask_id=mask_id, vocab_size=vocab_size)
-        self.graph = getattr(dcfg, "graph", "absorb")
-        if self.graph not in ("absorb", "uniform"):
-            raise ValueError(f"diffusion.graph={self.graph!r}; choices: absorb, uniform")
-        kind = getattr(dcfg, "sedd_noise", "loglinear")
+        self.graph = graph_setting(dcfg, mask_id, vocab_size)
+        kind = choice(dcfg, "sedd_noise", "loglinear", ("loglinear", "geometric"))
         if kind == "loglinear":
             e = float(getattr(dcfg, "sedd_noise_eps", 1e-3))
             if not 0.0 <= e < 1.0:
                 raise ValueError(f"diffusion.sedd_noise_eps={e} must be in [0, 1)")
             self.noise_fn = LogLinearNoise(e)
-        elif kind == "geometric":
+        else:
             lo, hi = float(dcfg.sigma_min), float(dcfg.sigma_max)
             if not 0.0 < lo < hi:
                 raise ValueError(f"diffusion.sigma_min={lo}, sigma_max={hi}: need 0 < sigma_min < sigma_max")
             self.noise_fn = GeometricNoise(lo, hi)
-        else:
-            raise ValueError(f"diffusion.sedd_noise={kind!r}; choices: loglinear, geometric")
         self.scale_by_sigma = bool(getattr(dcfg, "scale_by_sigma", True)) and self.graph == "absorb"
-        self.predictor = getattr(dcfg, "sedd_predictor", "analytic")
-        if self.predictor not in ("analytic", "euler"):
-            raise ValueError(f"diffusion.sedd_predictor={self.predictor!r}; choices: analytic, euler")
-        if self.graph == "absorb" and mask_id is None:
-            raise ValueError("diffusion.graph=absorb needs a mask token (model.mask_id)")
+        self.predictor = choice(dcfg, "sedd_predictor", "analytic", ("analytic", "euler"))
         self.eps = dcfg.eps
         self.head_has_mask = self.graph == "absorb"
         self.logits_at = "masked" if self.graph == "absorb" else "all"
 
-    # -- vocabulary and noise
-    @property
-    def n_real(self) -> int:
-        if self.vocab_size is None:
-            raise ValueError(f"diffusion.objective={self.name} needs the vocabulary size (model.vocab_size)")
-        return real_count(self.vocab_size, self.mask_id)
-
+    # -- noise
     def sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.noise_fn(t)
 
@@ -213,16 +183,12 @@ class SEDD(Objective):
     def draw(self, seed, step, global_batch, seq_len, *, stratified=True, random_length_prob=0.0) -> StepNoise:
         noise = draw_step_noise(seed, step, global_batch, seq_len, stratified=stratified,
                                 random_length_prob=random_length_prob)
-        if self.graph == "uniform":
-            noise.extra["tok_u"] = torch.rand(global_batch, seq_len, generator=eval_generator(seed, _TAG_TOK, step))
-            noise.positional = noise.positional + ("tok_u",)
-        return noise
+        return add_token_draw(noise, seed, step, _TAG_TOK) if self.graph == "uniform" else noise
 
     def perturb(self, x0, t, pos_u, tok_u=None) -> torch.Tensor:
         hit = pos_u < self.move_prob(t).to(pos_u.dtype)[:, None]
-        if self.graph == "absorb":
-            return torch.where(hit, torch.full_like(x0, self.mask_id), x0)
-        return torch.where(hit, uniform_tokens(tok_u, self.n_real, self.mask_id).to(x0.device), x0)
+        return corrupt(x0, hit, absorb=self.graph == "absorb", mask_id=self.mask_id, tok_u=tok_u,
+                       n_real=self.n_real if self.graph == "uniform" else 0)
 
     def noise(self, x0, noise: StepNoise, doc_ids=None) -> Noised:
         t = noise_level(noise.u, self.eps)
@@ -273,18 +239,13 @@ class SEDD(Objective):
         if int(maskable.sum()) == 0:
             raise ValueError("a sequence with no scored positions has nothing to estimate")
         u = eval_time(method, seed=seed, seq=seq, sample=sample, samples=samples, group=group)
-        L = maskable.numel()
-        pos = torch.rand(L, generator=eval_generator(seed, _TAG_EVAL_POS, seq, sample))
-        tok = torch.rand(L, generator=eval_generator(seed, _TAG_EVAL_TOK, seq, sample))
+        pos, tok = position_uniforms(seed, maskable.numel(), seq, sample, _TAG_EVAL_POS, _TAG_EVAL_TOK)
         return EvalDraw({"t": (1.0 - eps) * u + eps, "pos": pos, "tok": tok, "scored": maskable.clone()}, 1.0 - eps)
 
     def eval_sums(self, model, x0, draws, *, keep, subs=True):
         dev = x0.device
-        L = x0.shape[1]
         t = torch.tensor([d.noise["t"] for d in draws], dtype=torch.float64, device=dev)
-        pos, _ = pad([d.noise["pos"] for d in draws], 2.0, dev, length=L)
-        tok, _ = pad([d.noise["tok"] for d in draws], 0.0, dev, length=L)
-        scored, _ = pad([d.noise["scored"] for d in draws], False, dev, length=L)
+        pos, tok, scored = pad_draws(draws, {"pos": 2.0, "tok": 0.0, "scored": False}, x0.shape[1], dev)
         xt = torch.where(scored, self.perturb(x0, t, pos, tok), x0)
         sel = self.selected(xt, scored)
         kp = None if bool(keep.all()) else keep
@@ -298,8 +259,7 @@ class SEDD(Objective):
 
     # -- brute force (tests)
     def states(self) -> list[int]:
-        return [self.mask_id] + [i for i in range(self.vocab_size) if i != self.mask_id] \
-            if self.graph == "absorb" else [i for i in range(self.vocab_size) if i != self.mask_id]
+        return enumeration_states(self.vocab_size, self.mask_id, self.graph == "absorb")
 
     def q_table(self, x0: torch.Tensor, Z: torch.Tensor, t: float) -> torch.Tensor:
         """(K,) float64 q_t(Z_k | x0) for noised sequences Z (K, L)."""
@@ -384,16 +344,9 @@ class SEDD(Objective):
         dev = ids.device
         t_min = 1e-5 if t_min is None else float(t_min)
         fixed = None if infill is None else (infill.to(dev) >= 0)
-        if self.graph == "absorb":
-            gen = torch.full((B, G), self.mask_id, dtype=torch.long, device=dev)
-        else:
-            gen = uniform_tokens(noise.rows(torch.ones(B, dtype=torch.bool, device=dev), G), self.n_real,
-                                 self.mask_id).to(dev)
+        x, kp = self.start_canvas(ids, real, G, noise, absorb=self.graph == "absorb")
         if fixed is not None:
-            gen = torch.where(fixed, infill.to(dev), gen)
-        x = torch.cat([ids, gen], 1)
-        kp = None if real is None or bool(real.all()) else \
-            torch.cat([real, torch.ones(B, G, dtype=torch.bool, device=dev)], 1)
+            x[:, P:] = torch.where(fixed, infill.to(dev), x[:, P:])
         times = torch.linspace(1.0, t_min, max(steps, 1), dtype=torch.float64).tolist() + [0.0]
         for i in range(len(times) - 1):
             t, s_time = times[i], times[i + 1]
@@ -403,9 +356,7 @@ class SEDD(Objective):
                 remaining = is_mask.sum(1)
                 if not bool(remaining.any()):
                     break
-            stats["forwards"] = stats.get("forwards", 0) + 1
-            stats["forward_rows"] = stats.get("forward_rows", 0) + B
-            stats["forward_tokens"] = stats.get("forward_tokens", 0) + B * x.shape[1]
+            count_forward(stats, B, x.shape[1])
             s = self.scores(model, x, kp, t)[:, P:]
             if self.graph == "absorb":
                 x[:, P:] = self._absorb_step(s, block, is_mask, remaining, t, s_time, predictor, noise, temperature)
@@ -414,7 +365,7 @@ class SEDD(Objective):
                 pr = "analytic" if s_time <= 0 else predictor
                 q = self.uniform_step_probs(s.reshape(-1, V), block.reshape(-1), t, s_time, pr)
                 u = noise.rows(torch.ones(B, dtype=torch.bool, device=dev), G).reshape(-1)
-                x[:, P:] = UniformDiffusion.categorical(q, u).view(B, G)
+                x[:, P:] = categorical(q, u).view(B, G)
             if fixed is not None:
                 x[:, P:] = torch.where(fixed, infill.to(dev), x[:, P:])
             if callback is not None:

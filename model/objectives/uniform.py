@@ -38,39 +38,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, pad, register
+from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, register
+from .common import (RealVocab, add_token_draw, categorical, choice, corrupt, count_forward, pad_draws,  # noqa: F401
+                     position_uniforms, real_count, real_ids, real_log_probs, start_generation, uniform_tokens)
 from .mdm import autocast_for, eval_generator
 from .schedules import Schedule, get_schedule
 
 ALPHA_FLOOR = 1e-6
 _TAG_TOK, _TAG_KIND, _TAG_EVAL_T, _TAG_EVAL_POS, _TAG_EVAL_TOK, _TAG_EVAL_KIND = 11, 12, 13, 14, 15, 16
 _TAG_EVAL_GROUP = 17
-
-
-# ----------------------------------------------------------------------------------------- vocabulary
-def real_count(vocab_size: int, mask_id: Optional[int]) -> int:
-    """N: the number of real (non-mask) token ids of a vocabulary."""
-    return vocab_size - (1 if mask_id is not None and 0 <= mask_id < vocab_size else 0)
-
-
-def real_ids(r: torch.Tensor, mask_id: Optional[int]) -> torch.Tensor:
-    """Map r in [0, N) onto the real token ids (skipping the mask id)."""
-    return r if mask_id is None else r + (r >= mask_id).to(r.dtype)
-
-
-def uniform_tokens(tok_u: torch.Tensor, n_real: int, mask_id: Optional[int]) -> torch.Tensor:
-    """Uniform draws in [0, 1) -> uniformly random real token ids."""
-    r = (tok_u.double() * n_real).long().clamp_(max=n_real - 1)
-    return real_ids(r, mask_id)
-
-
-def real_log_probs(logits: torch.Tensor, mask_id: Optional[int]) -> torch.Tensor:
-    """log x_theta over the vocabulary, the mask id's logit set to -inf (a head over the real tokens)."""
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    if mask_id is not None and 0 <= mask_id < logits.shape[-1]:
-        logits = logits.clone()
-        logits[..., mask_id] = float("-inf")
-    return torch.log_softmax(logits, dim=-1)
 
 
 def alpha_and_rate(schedule: Schedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +126,7 @@ def eval_time(method: str, *, seed: int, seq: int, sample: int, samples: int, gr
 
 
 @register
-class UniformDiffusion(Objective):
+class UniformDiffusion(RealVocab, Objective):
     """uniform: UDLM/DUO uniform-state diffusion, every schedule, DUO's closed-form loss at every position."""
     name = "uniform"
     title = "uniform-state diffusion"
@@ -165,9 +141,7 @@ class UniformDiffusion(Objective):
         super().__init__(dcfg, mask_id=mask_id, vocab_size=vocab_size)
         self.schedule = get_schedule(dcfg.schedule, dcfg.poly_exponent)
         self.eps = dcfg.eps
-        removal = getattr(dcfg, "noise_removal", "ancestral")
-        if removal not in ("ancestral", "greedy", "none"):
-            raise ValueError(f"diffusion.noise_removal={removal!r}; choices: ancestral, greedy, none")
+        choice(dcfg, "noise_removal", "ancestral", ("ancestral", "greedy", "none"))
         if not 0.0 <= float(getattr(dcfg, "psi_kappa", 1.0)) <= 1.0:
             raise ValueError(f"diffusion.psi_kappa={dcfg.psi_kappa} must be in [0, 1] (1: the ancestral step)")
         if int(getattr(dcfg, "self_correct_steps", 0)) < 0:
@@ -178,13 +152,6 @@ class UniformDiffusion(Objective):
         bytes per entry of a cross-entropy chunk), or ce_chunk when row_chunk is 0."""
         rc = int(getattr(self.cfg, "row_chunk", 0))
         return min(rc, ce_chunk) if rc > 0 and ce_chunk > 0 else (rc or ce_chunk)
-
-    # -- vocabulary
-    @property
-    def n_real(self) -> int:
-        if self.vocab_size is None:
-            raise ValueError(f"diffusion.objective={self.name} needs the vocabulary size (model.vocab_size)")
-        return real_count(self.vocab_size, self.mask_id)
 
     def alpha(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return alpha_and_rate(self.schedule, t)
@@ -198,16 +165,13 @@ class UniformDiffusion(Objective):
     def draw(self, seed, step, global_batch, seq_len, *, stratified=True, random_length_prob=0.0) -> StepNoise:
         """The masked-diffusion draw (t, a uniform per position: replaced or not) plus, per position, a
         uniform that names the replacement token; a pure function of (seed, step)."""
-        noise = draw_step_noise(seed, step, global_batch, seq_len, stratified=stratified,
-                                random_length_prob=random_length_prob)
-        noise.extra["tok_u"] = torch.rand(global_batch, seq_len, generator=eval_generator(seed, _TAG_TOK, step))
-        noise.positional = noise.positional + ("tok_u",)
-        return noise
+        return add_token_draw(draw_step_noise(seed, step, global_batch, seq_len, stratified=stratified,
+                                              random_length_prob=random_length_prob), seed, step, _TAG_TOK)
 
     def replaced(self, x0, t, mask_uniform, tok_u) -> torch.Tensor:
         a, _ = self.alpha(t)
-        hit = mask_uniform < (1.0 - a)[:, None]
-        return torch.where(hit, uniform_tokens(tok_u, self.n_real, self.mask_id).to(x0.device), x0)
+        return corrupt(x0, mask_uniform < (1.0 - a)[:, None], absorb=False, mask_id=self.mask_id, tok_u=tok_u,
+                       n_real=self.n_real)
 
     def noise(self, x0, noise: StepNoise, doc_ids=None) -> Noised:
         t = noise_level(noise.u, self.eps)
@@ -249,19 +213,14 @@ class UniformDiffusion(Objective):
         if int(maskable.sum()) == 0:
             raise ValueError("a sequence with no scored positions has nothing to estimate")
         u = eval_time(method, seed=seed, seq=seq, sample=sample, samples=samples, group=group)
-        L = maskable.numel()
-        pos = torch.rand(L, generator=eval_generator(seed, _TAG_EVAL_POS, seq, sample))
-        tok = torch.rand(L, generator=eval_generator(seed, _TAG_EVAL_TOK, seq, sample))
-        kind = torch.rand(L, generator=eval_generator(seed, _TAG_EVAL_KIND, seq, sample))
+        pos, tok, kind = position_uniforms(seed, maskable.numel(), seq, sample, _TAG_EVAL_POS, _TAG_EVAL_TOK,
+                                           _TAG_EVAL_KIND)
         t = (1.0 - eps) * u + eps
         return EvalDraw({"t": t, "pos": pos, "tok": tok, "kind": kind, "scored": maskable.clone()}, 1.0)
 
     def eval_noised(self, x0: torch.Tensor, draws, t: torch.Tensor):
         """The noised batch of a list of eval draws: xt (R, L) and where it is scored."""
-        dev = x0.device
-        pos, _ = pad([d.noise["pos"] for d in draws], 2.0, dev, length=x0.shape[1])
-        tok, _ = pad([d.noise["tok"] for d in draws], 0.0, dev, length=x0.shape[1])
-        scored, _ = pad([d.noise["scored"] for d in draws], False, dev, length=x0.shape[1])
+        pos, tok, scored = pad_draws(draws, {"pos": 2.0, "tok": 0.0, "scored": False}, x0.shape[1], x0.device)
         xt = self.replaced(x0, t, pos, tok)
         return torch.where(scored, xt, x0), scored
 
@@ -365,11 +324,7 @@ class UniformDiffusion(Objective):
         clean = self.reverse_step(p_x0, z_t, t, 0.0)
         return kappa * post + (1.0 - kappa) * self.forward_noise(clean, s)
 
-    @staticmethod
-    def categorical(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """One draw per row of q (n, V) float64 by inverting its CDF at u (n,) float64."""
-        cdf = q.cumsum(-1)
-        return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp_(max=q.shape[-1] - 1)
+    categorical = staticmethod(categorical)
 
     @torch.no_grad()
     def generate(self, model, ids, real, *, gen_length: int, steps: int, noise, temperature: float = 0.0,
@@ -398,15 +353,11 @@ class UniformDiffusion(Objective):
         G = gen_length
         active = torch.ones(B, dtype=torch.bool, device=ids.device)
         z = self.prior_sample(noise.rows(active, 2 * G).view(B, G, 2)).to(ids.device)
-        x = torch.cat([ids, z], 1)
-        kp = None if real is None or bool(real.all()) else \
-            torch.cat([real, torch.ones(B, G, dtype=torch.bool, device=ids.device)], 1)
+        x, kp = start_generation(ids, real, z)
         times = torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64).tolist()
 
         def forward(t):
-            stats["forwards"] = stats.get("forwards", 0) + 1
-            stats["forward_rows"] = stats.get("forward_rows", 0) + B
-            stats["forward_tokens"] = stats.get("forward_tokens", 0) + B * x.shape[1]
+            count_forward(stats, B, x.shape[1])
             return self.predict(model, x, kp, t, temperature)[:, P:]
 
         def draw(q):

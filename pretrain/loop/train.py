@@ -27,7 +27,7 @@ from ..engines.native import build_engine
 from ..engines.parallel import (ParallelDims, build_mesh, cpu_group, dp_coordinates, init_distributed, init_weights,
                                 lower_timeouts, parallelize, uses_fsdp)
 from ..plot import plot_runs
-from .evaluate import evaluate
+from .evaluate import evaluate, search_variants
 from .flops import peak_flops
 from .guard import BadStepGuard
 from .lr import continue_schedule, lr_for
@@ -202,6 +202,7 @@ def setup(cfg: Config) -> Run:
               say=print if rank == 0 else (lambda *a, **k: None))
     if resumed.path is not None:
         run.step, run.consumed = saved["step"], saved["consumed"]
+        objective.load_state(saved.get("objective") or {})  # e.g. block diffusion's adopted noise interval
         run.lr_anchor = continue_schedule(saved.get("config", {}), cfg, saved["step"], saved.get("lr_anchor"))
     return run
 
@@ -385,14 +386,22 @@ def validate(run: Run, write) -> float:
         vals = {name: evaluate(run.model, cfg, src, dp_rank=run.dp_rank, dp_size=run.dp_size, micro=run.micro,
                                device=run.device, autocast=run.autocast, objective=run.objective)
                 for name, src in data.valid.items()}
+        # An objective whose training noise is chosen here (block diffusion's clipped interval): on the first
+        # validation set, after the bound (logged above with the objective's unbiased noise).
+        adopted = search_variants(run.model, cfg, next(iter(data.valid.values())), dp_rank=run.dp_rank,
+                                  dp_size=run.dp_size, micro=run.micro, device=run.device, autocast=run.autocast,
+                                  objective=run.objective)
     val_loss = next(iter(vals.values()))
     gap = f" | true entropy {data.true_entropy:.4f} (gap {val_loss - data.true_entropy:+.4f})" \
         if data.true_entropy is not None else ""
     write(f"step {run.step:>6} | " + ("EMA weights | " if ema is not None else "")
           + " | ".join(f"{k} loss {v:.4f} (ppl <= {math.exp(min(v, 50)):.2f})" for k, v in vals.items()) + gap)
+    if adopted:
+        write(f"step {run.step:>6} | training noise adopted (least loss variance): "
+              + ", ".join(f"{k} {v:.4g}" for k, v in adopted.items()))
     oracle = {"true_entropy": data.true_entropy} if data.true_entropy is not None else {}
     run.log.log({"step": run.step, **{f"val/{k}": v for k, v in vals.items()}, **oracle,
-                 "val_weights": "ema" if ema is not None else "raw"})
+                 "val_weights": "ema" if ema is not None else "raw", **adopted})
     return val_loss
 
 
@@ -403,7 +412,8 @@ def save_checkpoint(run: Run, *, blocking: bool, write) -> None:
     run.engine.save(step, {"step": step, "consumed": run.consumed, "seed": cfg.train.seed, "world_size": run.world,
                            "layout": {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "tp": dims.tp},
                            "config": to_dict(cfg), "lr_anchor": run.lr_anchor, "guard": run.guard.state(),
-                           "save_seconds": run.save_estimate, "data_fingerprint": run.fingerprint},
+                           "save_seconds": run.save_estimate, "data_fingerprint": run.fingerprint,
+                           "objective": run.objective.state()},
                     blocking=blocking)
     measured = getattr(getattr(run.engine, "ckpt", None), "last_save_seconds", None)
     run.save_estimate = measured or time.perf_counter() - t0
