@@ -400,3 +400,17 @@ def _flash(q, k, v, batch: AttentionBatch):
                                  meta["max_seqlen"], causal=batch.causal)
     full = out.new_zeros(b * L, hq, d).index_copy(0, index, out)  # padding positions: zeros
     return full.view(b, L, hq, d).transpose(1, 2).to(dtype)
+
+
+def prefix_mask(n: int, block_size: int, key_padding: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+    """Dense bool (B or 1, 1, n, n) block-causal mask of one sequence [x_0^{<b}, x^b] (its last block may be
+    noisy): a token sees every token of its own and earlier blocks. The per-block forward of the reference
+    and of generation without a cache."""
+    idx = torch.arange(n, device=device) // block_size
+    mask = (idx[None, :] <= idx[:, None])[None, None]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+    if key_padding is not None:
+        mask = mask & key_padding.bool()[:, None, None, :]
+    return mask

@@ -27,9 +27,9 @@ from typing import Optional
 
 import torch
 
-from .attention import AttentionBatch
+from .attention import AttentionBatch, prefix_mask
+from .decoding import ban_eos, gumbel_argmax
 from .kvcache import KVCache
-from .objectives.block import prefix_mask
 from .policies import confidences, select
 
 
@@ -49,7 +49,6 @@ def block_generate(model, ids, real, *, objective, mask_id: int, gen_length: int
     steps per full block (at most the block size is useful for the LLaDA and MDLM rules). window: the visible
     context (default model.cfg.max_seq_len), a multiple of the block size. remdm: sampler="remdm"'s ReMDMConfig
     (default: rescale)."""
-    from .sample import _ban_eos, gumbel_argmax
     if sampler == "remdm":
         from .remdm import ReMDMConfig
         remdm = remdm or ReMDMConfig()
@@ -116,7 +115,7 @@ def block_generate(model, ids, real, *, objective, mask_id: int, gen_length: int
             forward = (lambda rows: run_cached(rows, a, e, off, True)) if kv_cache else \
                 (lambda rows: run_full(rows, a, e, off))
             _remdm_block(x, a, e, lo, active, forward, objective=objective, cfg=remdm, steps=n_steps,
-                         mask_id=mask_id, temperature=temperature, noise=noise, ban=lambda lg: _ban_eos(
+                         mask_id=mask_id, temperature=temperature, noise=noise, ban=lambda lg: ban_eos(
                              lg, eos_id, a - P, min_new_tokens), callback=callback)
         for s in range(0 if sampler == "remdm" else n_steps):
             block = x[:, a:e]
@@ -129,7 +128,7 @@ def block_generate(model, ids, real, *, objective, mask_id: int, gen_length: int
             sub = run_cached(rows, a, e, off, True) if kv_cache else run_full(rows, a, e, off)
             logits = sub.new_zeros(B, e - a, sub.shape[-1])
             logits[rows] = sub
-            _ban_eos(logits, eos_id, a - P, min_new_tokens)
+            ban_eos(logits, eos_id, a - P, min_new_tokens)
             lg = logits[is_mask].float()
             if mask_id < lg.shape[-1]:
                 lg[:, mask_id] = float("-inf")  # never propose the mask itself (MDLM's SUBS)

@@ -31,6 +31,8 @@ from typing import Optional, Union
 
 import torch
 
+from .decoding import ban_eos, forward_logits
+
 STRATEGIES = ("cap", "rescale", "conf", "loop")
 Alpha = Union[float, torch.Tensor]  # a scalar, or a (V,) vector per token value (genmd4)
 
@@ -217,7 +219,6 @@ def remdm_generate(model, ids: torch.Tensor, real: Optional[torch.Tensor], *, cf
     """The ReMDM sampler behind model.sample.generate(sampler="remdm"): blocks left to right (one block when
     block_length = gen_length), `steps / n_blocks` ReMDM steps each on the reference's time grid, then the final
     argmax. temperature > 0 divides the logits (0 is taken as 1: ReMDM has no greedy mode)."""
-    from .sample import _ban_eos, _forward_logits
     cfg.check()
     B, P = ids.shape
     device = ids.device
@@ -234,8 +235,8 @@ def remdm_generate(model, ids: torch.Tensor, real: Optional[torch.Tensor], *, cf
         state = ReMDMState((B, end - start), device)
 
         def probs_now():
-            logits = _forward_logits(model, x, real, start, end, mask_id=mask_id, prompt_len=P, cfg_scale=cfg_scale)
-            _ban_eos(logits, eos_id, start - P, min_new_tokens)
+            logits = forward_logits(model, x, real, start, end, mask_id=mask_id, prompt_len=P, cfg_scale=cfg_scale)
+            ban_eos(logits, eos_id, start - P, min_new_tokens)
             stats["forwards"] += 1
             stats["forward_rows"] += B * (2 if cfg_scale else 1)
             stats["forward_tokens"] += B * x.shape[1] * (2 if cfg_scale else 1)

@@ -44,58 +44,12 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .decoding import GeneratorLike, Noise, ban_eos, forward_logits, gumbel_argmax  # noqa: F401  (re-exported)
 from .kvcache import KVCache
 from .policies import POLICIES, confidences, select, topk_mask  # noqa: F401  (topk_mask: re-exported)
 
 PromptLike = Union[None, torch.Tensor, Sequence[Sequence[int]]]
-GeneratorLike = Union[None, torch.Generator, Sequence[torch.Generator]]
 KV_CACHES = ("none", "prefix", "dual")
-
-
-class Noise:
-    """Uniform draws for a batch: from one shared generator, or from one generator per row (batch-invariant:
-    row b's draws depend only on row b's own history)."""
-
-    def __init__(self, generator: GeneratorLike, batch: int, device):
-        self.per_row = isinstance(generator, (list, tuple))
-        if self.per_row and len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch} rows (one per row)")
-        self.generator, self.device = generator, device
-
-    def masked(self, is_mask: torch.Tensor, *tail: int) -> torch.Tensor:
-        """float64 uniforms (N, *tail) for the N True entries of is_mask (B, W), in row-major order."""
-        if not self.per_row:
-            return torch.rand((int(is_mask.sum()), *tail), generator=self.generator, device=self.device,
-                              dtype=torch.float64)
-        parts = [torch.rand((int(n), *tail), generator=self.generator[b], device=self.device, dtype=torch.float64)
-                 for b, n in enumerate(is_mask.sum(1).tolist()) if n]
-        return torch.cat(parts) if parts else torch.empty((0, *tail), device=self.device, dtype=torch.float64)
-
-    def rows(self, active: torch.Tensor, width: int) -> torch.Tensor:
-        """float64 uniforms (B, width); per-row generators draw only for active rows (the rest are 1)."""
-        if not self.per_row:
-            return torch.rand((active.shape[0], width), generator=self.generator, device=self.device,
-                              dtype=torch.float64)
-        out = torch.ones(active.shape[0], width, device=self.device, dtype=torch.float64)
-        for b in active.nonzero().flatten().tolist():
-            out[b] = torch.rand(width, generator=self.generator[b], device=self.device, dtype=torch.float64)
-        return out
-
-
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator] = None,
-                  u: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """argmax of logits/temperature + Gumbel noise, in float64: a sample from softmax(logits / temperature).
-    `u`: the uniforms to use (same shape as logits) instead of drawing them from `generator`.
-
-    float64 matters: in low precision the noise is lumpy and ties between close logits are broken badly
-    (LLaDA notes that fp16/bf16 Gumbel sampling lowers quality)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.double()
-    if u is None:
-        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-    return (logits / temperature + gumbel).argmax(-1)
 
 
 def transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -125,38 +79,6 @@ def _is_causal(model) -> bool:
     return bool(getattr(cfg, "causal", False))
 
 
-def _forward_logits(model, x: torch.Tensor, real: Optional[torch.Tensor], start: int, end: int, *,
-                    mask_id: int, prompt_len: int, cfg_scale: float, kv_cache: Optional[KVCache] = None,
-                    offset: int = 0) -> torch.Tensor:
-    """float32 logits (B, end - start, V) for canvas columns [start, end), with optional CFG. x holds canvas
-    columns [offset, offset + x.shape[1]) (offset > 0 only for a cache-reuse forward).
-
-    Only those columns go through the output head (`logits_at`): for large vocabularies the head is the
-    biggest matmul, and no other column's prediction is ever used."""
-    B = x.shape[0]
-    W = end - start
-    at = torch.zeros_like(x, dtype=torch.bool)
-    at[:, start - offset:end - offset] = True
-    kp = real if real is not None and not bool(real.all()) else None  # unmasked attention is faster
-    extra = {} if kv_cache is None else {"kv_cache": kv_cache}
-    if cfg_scale:
-        uncond = x.clone()
-        prompt_cols = torch.zeros_like(x, dtype=torch.bool)
-        prompt_cols[:, :max(prompt_len - offset, 0)] = True
-        if real is not None:
-            prompt_cols &= real  # padding stays padding (hidden); only real prompt tokens are masked
-        uncond[prompt_cols] = mask_id
-        both = torch.cat([x, uncond])
-        out = model(both, key_padding=None if kp is None else torch.cat([kp, kp]),
-                    logits_at=torch.cat([at, at]), **extra).float().view(2, B, W, -1)
-        cond, unc = out[0], out[1]
-        logits = unc + (cfg_scale + 1.0) * (cond - unc)
-    else:
-        logits = model(x, key_padding=kp, logits_at=at, **extra).float().view(B, W, -1)
-    logits[..., mask_id] = float("-inf")  # SUBS: the model never predicts the mask itself
-    return logits
-
-
 def _block_logits(model, x, real, rows, start, end, *, cache: Optional[KVCache], refresh: bool, kv_mode: str,
                   stats: dict, **common) -> torch.Tensor:
     """Logits of block [start, end) for the given rows (LongTensor, or None for all rows): a full forward
@@ -170,21 +92,12 @@ def _block_logits(model, x, real, rows, start, end, *, cache: Optional[KVCache],
         crows = torch.cat([rows, rows + x.shape[0]]) if common["cfg_scale"] else rows
     if cache is None or refresh:
         stats["forward_tokens"] += n_rows * xs.shape[1]
-        return _forward_logits(model, xs, rs, start, end, kv_cache=None if cache is None else cache.fill(crows),
+        return forward_logits(model, xs, rs, start, end, kv_cache=None if cache is None else cache.fill(crows),
                                **common)
     win_end = end if kv_mode == "dual" else x.shape[1]
     stats["forward_tokens"] += n_rows * (win_end - start)
-    return _forward_logits(model, xs[:, start:win_end], None, start, end, kv_cache=cache.reuse(start, crows),
+    return forward_logits(model, xs[:, start:win_end], None, start, end, kv_cache=cache.reuse(start, crows),
                            offset=start, **common)
-
-
-def _ban_eos(logits: torch.Tensor, eos_id: Optional[int], first_col: int, min_new_tokens: int) -> None:
-    """Forbid EOS at generated positions < min_new_tokens; logits cover generated columns first_col.. ."""
-    if eos_id is None or min_new_tokens <= 0:
-        return
-    n = min(max(min_new_tokens - first_col, 0), logits.shape[1])
-    if n:
-        logits[:, :n, eos_id] = float("-inf")
 
 
 def _fill_after_eos(gen: torch.Tensor, mask_id: int, eos_id: int) -> torch.Tensor:
@@ -370,7 +283,7 @@ def generate(model, prompt: PromptLike = None, *, mask_id: int, gen_length: int,
                 stats["forward_rows"] += n_need * (2 if cfg_scale else 1)
             logits = logits_cache
             x_prev = x.clone() if sampler == "mdlm" else None
-            _ban_eos(logits, eos_id, start - P, min_new_tokens)
+            ban_eos(logits, eos_id, start - P, min_new_tokens)
             # Sample and score only the masked positions: the float64 Gumbel noise over (positions, vocab)
             # is the largest tensor of a step for big vocabularies.
             lg = logits[is_mask]  # (N, V)

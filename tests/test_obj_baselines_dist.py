@@ -7,6 +7,8 @@ adaLN modulation made non-zero identically in every layout:
     tests' tolerance) when resumed at DP4, another data-parallel degree (the sum over 4 shards instead of 2
     cannot be bitwise equal);
   - sedd trains under DeepSpeed ZeRO-2 with the native engine's losses."""
+import json
+
 import pytest
 
 from dist_launch import check_equivalence, load, metrics, run_once
@@ -42,6 +44,15 @@ def test_resume_continues_the_uninterrupted_run(four, name):
         assert same[step] == reference[step], (step, same[step], reference[step])
         assert abs(dp4[step] - reference[step]) < TOL, (step, dp4[step], reference[step])
     assert abs(reference[4] - reference[3]) > 1e-4, "training did not move the loss: the check would be vacuous"
+    # Resumed, not rerun from scratch (a rerun would log the same losses): steps 3 and 4 logged once, after the
+    # copied 1 and 2, and the last checkpoint written in the new layout.
+    from pretrain.checkpoint.store import read_trainer_state
+    for tag, layout in (("same", {"dp_replicate": 1, "dp_shard": 2, "tp": 2}),
+                        ("dp4", {"dp_replicate": 1, "dp_shard": 4, "tp": 1})):
+        run = four / f"{name}_{tag}"
+        logged = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        assert logged == [1, 2, 3, 4], (tag, logged)
+        assert read_trainer_state(run / "checkpoints" / "step_00000004")["layout"] == layout
 
 
 def test_deepspeed_zero2_trains_sedd_like_native(four):

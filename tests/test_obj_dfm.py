@@ -1,6 +1,5 @@
 """Discrete flow matching (model/objectives/dfm.py): with SUBS and kappa = alpha, s = 1 - t the generalised KL is
 the masked-diffusion loss; the Euler jump solver with the oracle posterior samples the joint."""
-import math
 
 import pytest
 import torch

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.objectives import DiffusionConfig, build_objective
-from model.objectives.uniform import duo_nll, uniform_posterior
+from model.objectives.uniform import duo_nll
 from tests.obj_oracles import random_joint, soft_posterior
 
 V, MASK = 3, 3  # three real tokens, the mask id after them (never used by uniform noise)

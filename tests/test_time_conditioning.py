@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dist_launch import check_equivalence, load, run_once
 from model import ModelConfig, Transformer, count_params

@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..attention import FLEX_BLOCK, AttentionBatch, flex_available, make_block_mask
+from ..attention import FLEX_BLOCK, AttentionBatch, flex_available, make_block_mask, prefix_mask
 from .base import EvalDraw, Noised, Objective, StepNoise, pad, register, sample_u, step_generator
 from .mdm import MaskedDiffusion, autocast_for, eval_generator, subset_nelbo
 from .schedules import get_schedule
@@ -92,20 +92,6 @@ def training_mask(L: int, block_size: int, doc_ids: Optional[torch.Tensor] = Non
     if key_padding is not None:
         kp = torch.cat([key_padding, key_padding], 1).bool()
         mask = mask & kp[:, None, None, :]
-    return mask
-
-
-def prefix_mask(n: int, block_size: int, key_padding: Optional[torch.Tensor] = None,
-                doc_ids: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
-    """Dense bool (B or 1, 1, n, n) block-causal mask of one sequence [x_0^{<b}, x^b] (its last block may be
-    noisy): a token sees every token of its own and earlier blocks. The per-block forward of the reference
-    and of generation without a cache."""
-    idx = torch.arange(n, device=device) // block_size
-    mask = (idx[None, :] <= idx[:, None])[None, None]
-    if doc_ids is not None:
-        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
-    if key_padding is not None:
-        mask = mask & key_padding.bool()[:, None, None, :]
     return mask
 
 

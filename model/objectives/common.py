@@ -5,8 +5,8 @@ whose noise either masks or redraws tokens uniformly (uniform, hybrid, sedd, d3p
                        need_mask, enumeration_states
   noising              corrupt (mask or redraw where hit), add_token_draw (the per-position token uniforms)
   brute force (tests)  pattern_probs (q(Z | x0) per enumerated sequence)
-  evaluation           pad_draws (one (R, L) tensor per field of a batch of eval draws)
-  sampling             categorical, RealVocab.start_canvas, start_generation, count_forward
+  evaluation           pad_draws (one (R, L) tensor per field of a batch of eval draws), row_sums
+  sampling             real_token_probs, categorical, RealVocab.start_canvas, start_generation, count_forward
   configuration        choice (a validated diffusion.* setting)
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .base import StepNoise, pad
-from .mdm import eval_generator
+from .mdm import autocast_for, eval_generator
 
 
 # ----------------------------------------------------------------------------------------- the real tokens
@@ -146,7 +146,34 @@ def pad_draws(draws, fills: dict, length: int, device) -> list[torch.Tensor]:
     return [pad([d.noise[k] for d in draws], fill, device, length=length)[0] for k, fill in fills.items()]
 
 
+def row_sums(draws, sel: torch.Tensor, keep: torch.Tensor, per_token, *, prior: float = 0.0,
+             scored: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(R,) float64 on the host, what `eval_sums` returns: per_token(key_padding) -> (n,) losses at the
+    positions `sel` (row-major, run under the device's autocast; not called when sel is empty) summed per row,
+    times each draw's weight, plus `prior` nats per scored token."""
+    sums = torch.zeros(sel.shape[0], dtype=torch.float64, device=sel.device)
+    if bool(sel.any()):
+        with autocast_for(sel.device):
+            per = per_token(None if bool(keep.all()) else keep)
+        sums.index_add_(0, sel.nonzero()[:, 0], per.double())
+    sums = sums.cpu() * torch.tensor([d.weight for d in draws], dtype=torch.float64)
+    return sums + prior * scored.sum(1).double().cpu() if prior else sums
+
+
 # --------------------------------------------------------------------------------------------- sampling
+def real_token_probs(model, x: torch.Tensor, key_padding, level: float, mask_id: Optional[int],
+                     temperature: float = 0.0) -> torch.Tensor:
+    """(B, W, V) float64: a time-conditioned network's clean-token distribution over the real tokens at noise
+    level `level` (this project's t: 1 is noise); temperature > 0 divides the logits."""
+    tt = torch.full((x.shape[0],), float(level), dtype=torch.float32, device=x.device)
+    with autocast_for(x.device):
+        logits = model(x, key_padding=key_padding, t=tt)
+    logits = logits.double()
+    if temperature > 0:
+        logits = logits / temperature
+    return real_log_probs(logits, mask_id).exp()
+
+
 def categorical(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One draw per row of q (n, V) float64 (unnormalised) by inverting its CDF at u (n,) float64."""
     cdf = q.cumsum(-1)

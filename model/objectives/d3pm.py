@@ -44,8 +44,8 @@ import torch
 from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, register
 from .common import (RealVocab, add_token_draw, categorical, corrupt, count_forward, enumeration_states,
                      graph_setting, pad_draws, pattern_probs, position_uniforms, real_columns,
-                     real_log_probs)
-from .mdm import autocast_for, eval_generator
+                     real_log_probs, real_token_probs, row_sums)
+from .mdm import eval_generator
 from .uniform import prior_kl
 
 _TAG_TOK, _TAG_EVAL_T, _TAG_EVAL_POS, _TAG_EVAL_TOK = 41, 42, 43, 44
@@ -213,14 +213,9 @@ class D3PM(RealVocab, Objective):
         pos, tok, scored = pad_draws(draws, {"pos": 2.0, "tok": 0.0, "scored": False}, x0.shape[1], dev)
         xt = torch.where(scored, self.perturb(x0, t_int, pos, tok), x0)
         sel = self.selected(xt, scored)
-        sums = torch.zeros(x0.shape[0], dtype=torch.float64, device=dev)
-        if bool(sel.any()):
-            kp = None if bool(keep.all()) else keep
-            with autocast_for(dev):
-                per = self.per_token(model, x0, xt, t_int, sel, train=False, key_padding=kp)
-            sums.index_add_(0, sel.nonzero()[:, 0], per.double())
-        sums = sums.cpu() * torch.tensor([d.weight for d in draws], dtype=torch.float64)
-        return sums + self.prior_nats() * scored.sum(1).double().cpu()
+        return row_sums(draws, sel, keep, lambda kp: self.per_token(model, x0, xt, t_int, sel, train=False,
+                                                                    key_padding=kp),
+                        prior=self.prior_nats(), scored=scored)
 
     # -- brute force (tests)
     def states(self) -> list[int]:
@@ -279,12 +274,7 @@ class D3PM(RealVocab, Objective):
         allrows = torch.ones(B, dtype=torch.bool, device=dev)
         for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
             count_forward(stats, B, x.shape[1])
-            tt = torch.full((B,), t / self.T, dtype=torch.float32, device=dev)
-            with autocast_for(dev):
-                logits = model(x, key_padding=kp, t=tt)[:, P:].double()
-            if temperature > 0:
-                logits = logits / temperature
-            p0 = real_log_probs(logits, self.mask_id).exp()
+            p0 = real_token_probs(model, x, kp, t / self.T, self.mask_id, temperature)[:, P:]
             V = p0.shape[-1]
             q = posterior(p0.reshape(-1, V), x[:, P:].reshape(-1), float(self.abar[s]), float(self.abar[t]),
                           graph=self.graph, mask_id=self.mask_id)

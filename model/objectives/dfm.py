@@ -38,8 +38,8 @@ import torch
 from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, register
 from .common import (RealVocab, add_token_draw, categorical, choice, corrupt, count_forward, enumeration_states,
                      need_mask, pad_draws, pattern_probs, position_uniforms, real_columns,
-                     real_log_probs)
-from .mdm import autocast_for, eval_generator
+                     real_token_probs, row_sums)
+from .mdm import eval_generator
 
 _TAG_TOK, _TAG_EVAL_K, _TAG_EVAL_POS, _TAG_EVAL_TOK = 51, 52, 53, 54
 EVAL_EPS = 1e-3  # estimate_likelihood's (1 - 1e-3) scale of the grid
@@ -151,12 +151,8 @@ class DiscreteFlowMatching(RealVocab, Objective):
         pos, tok, scored = pad_draws(draws, {"pos": 2.0, "tok": 0.0, "scored": False}, x0.shape[1], dev)
         xs = torch.where(scored, self.sample_path(x0, k, pos, tok), x0)
         t = 1.0 - k ** (1.0 / self.n)  # the network's level: s = kappa^{-1}(k), t = 1 - s
-        kp = None if bool(keep.all()) else keep
-        with autocast_for(dev):
-            per = self.per_token(model, x0, xs, t, k, torch.ones_like(k), "generalized_kl", sel=scored, key_padding=kp)
-        sums = torch.zeros(x0.shape[0], dtype=torch.float64, device=dev).index_add_(0, scored.nonzero()[:, 0],
-                                                                                     per.double())
-        return sums.cpu() * torch.tensor([d.weight for d in draws], dtype=torch.float64)
+        return row_sums(draws, scored, keep, lambda kp: self.per_token(model, x0, xs, t, k, torch.ones_like(k),
+                                                                      "generalized_kl", sel=scored, key_padding=kp))
 
     # -- brute force (tests)
     def states(self) -> list[int]:
@@ -203,12 +199,7 @@ class DiscreteFlowMatching(RealVocab, Objective):
         for i in range(steps):
             s, h = grid[i], grid[i + 1] - grid[i]
             count_forward(stats, B, x.shape[1])
-            tt = torch.full((B,), 1.0 - s, dtype=torch.float32, device=dev)
-            with autocast_for(dev):
-                logits = model(x, key_padding=kp, t=tt)[:, P:].double()
-            if temperature > 0:
-                logits = logits / temperature
-            p1 = real_log_probs(logits, self.mask_id).exp()
+            p1 = real_token_probs(model, x, kp, 1.0 - s, self.mask_id, temperature)[:, P:]
             V = p1.shape[-1]
             x1 = categorical(p1.reshape(-1, V), noise.rows(allrows, G).reshape(-1)).view(B, G)
             u = noise.rows(allrows, G)

@@ -54,7 +54,7 @@ import torch
 
 from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, register
 from .common import (RealVocab, add_token_draw, categorical, choice, corrupt, count_forward, enumeration_states,
-                     graph_setting, pad_draws, pattern_probs, position_uniforms, real_columns)
+                     graph_setting, pad_draws, pattern_probs, position_uniforms, real_columns, row_sums)
 from .mdm import autocast_for
 from .uniform import eval_time, prior_kl
 
@@ -248,14 +248,8 @@ class SEDD(RealVocab, Objective):
         pos, tok, scored = pad_draws(draws, {"pos": 2.0, "tok": 0.0, "scored": False}, x0.shape[1], dev)
         xt = torch.where(scored, self.perturb(x0, t, pos, tok), x0)
         sel = self.selected(xt, scored)
-        kp = None if bool(keep.all()) else keep
-        sums = torch.zeros(x0.shape[0], dtype=torch.float64, device=dev)
-        if bool(sel.any()):
-            with autocast_for(dev):
-                per = self.per_token(model, x0, xt, t, sel, key_padding=kp)
-            sums.index_add_(0, sel.nonzero()[:, 0], per.double())
-        sums = sums.cpu() * torch.tensor([d.weight for d in draws], dtype=torch.float64)
-        return sums + self.prior_nats() * scored.sum(1).double().cpu()
+        return row_sums(draws, sel, keep, lambda kp: self.per_token(model, x0, xt, t, sel, key_padding=kp),
+                        prior=self.prior_nats(), scored=scored)
 
     # -- brute force (tests)
     def states(self) -> list[int]:

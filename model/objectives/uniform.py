@@ -40,7 +40,8 @@ import torch
 
 from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, register
 from .common import (RealVocab, add_token_draw, categorical, choice, corrupt, count_forward, pad_draws,  # noqa: F401
-                     position_uniforms, real_count, real_ids, real_log_probs, start_generation, uniform_tokens)
+                     position_uniforms, real_count, real_ids, real_log_probs, real_token_probs, start_generation,
+                     uniform_tokens)
 from .mdm import autocast_for, eval_generator
 from .schedules import Schedule, get_schedule
 
@@ -305,13 +306,7 @@ class UniformDiffusion(RealVocab, Objective):
     # -- sampling (model.sample.generate calls objective.generate)
     def predict(self, model, x, key_padding, t: float, temperature: float = 0.0) -> torch.Tensor:
         """(B, W, V) float64 x_theta: the network's clean-token distribution over the real tokens at level t."""
-        tt = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
-        with autocast_for(x.device):
-            logits = model(x, key_padding=key_padding, t=tt)
-        logits = logits.double()
-        if temperature > 0:
-            logits = logits / temperature
-        return real_log_probs(logits, self.mask_id).exp()
+        return real_token_probs(model, x, key_padding, t, self.mask_id, temperature)
 
     def psi_step(self, p_x0, z_t, t, s, kappa: float = 1.0) -> torch.Tensor:
         """(n, V) float64: the Psi-sampler step (DUO chapter II `_psi_update`):
