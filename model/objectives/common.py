@@ -5,7 +5,7 @@ whose noise either masks or redraws tokens uniformly (uniform, hybrid, sedd, d3p
                        need_mask, enumeration_states
   noising              corrupt (mask or redraw where hit), add_token_draw (the per-position token uniforms)
   brute force (tests)  pattern_probs (q(Z | x0) per enumerated sequence)
-  evaluation           pad_draws (one (R, L) tensor per field of a batch of eval draws), row_sums
+  evaluation           pad_draws (one (R, L) tensor per field of a batch of eval draws), noised_draws, row_sums
   sampling             real_token_probs, categorical, RealVocab.start_canvas, start_generation, count_forward
   configuration        choice (a validated diffusion.* setting)
 """
@@ -144,6 +144,14 @@ def pad_draws(draws, fills: dict, length: int, device) -> list[torch.Tensor]:
     """One right-padded (R, length) tensor per field of the draws' noise, in the order of `fills` (field ->
     padding value)."""
     return [pad([d.noise[k] for d in draws], fill, device, length=length)[0] for k, fill in fills.items()]
+
+
+def noised_draws(x0: torch.Tensor, draws, key: str, dtype, perturb) -> tuple[torch.Tensor, ...]:
+    """A batch of eval draws noised: (level (R,) from each draw's noise[key], x_t (R, L), scored (R, L)), with
+    x_t = perturb(x0, level, pos, tok) at scored positions and x0 elsewhere."""
+    level = torch.tensor([d.noise[key] for d in draws], dtype=dtype, device=x0.device)
+    pos, tok, scored = pad_draws(draws, {"pos": 2.0, "tok": 0.0, "scored": False}, x0.shape[1], x0.device)
+    return level, torch.where(scored, perturb(x0, level, pos, tok), x0), scored
 
 
 def row_sums(draws, sel: torch.Tensor, keep: torch.Tensor, per_token, *, prior: float = 0.0,

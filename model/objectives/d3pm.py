@@ -43,7 +43,7 @@ import torch
 
 from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, register
 from .common import (RealVocab, add_token_draw, categorical, corrupt, count_forward, enumeration_states,
-                     graph_setting, pad_draws, pattern_probs, position_uniforms, real_columns,
+                     graph_setting, noised_draws, pattern_probs, position_uniforms, real_columns,
                      real_log_probs, real_token_probs, row_sums)
 from .mdm import eval_generator
 from .uniform import prior_kl
@@ -208,10 +208,7 @@ class D3PM(RealVocab, Objective):
         return EvalDraw({"t": t, "pos": pos, "tok": tok, "scored": maskable.clone()}, weight)
 
     def eval_sums(self, model, x0, draws, *, keep, subs=True):
-        dev = x0.device
-        t_int = torch.tensor([d.noise["t"] for d in draws], dtype=torch.long, device=dev)
-        pos, tok, scored = pad_draws(draws, {"pos": 2.0, "tok": 0.0, "scored": False}, x0.shape[1], dev)
-        xt = torch.where(scored, self.perturb(x0, t_int, pos, tok), x0)
+        t_int, xt, scored = noised_draws(x0, draws, "t", torch.long, self.perturb)
         sel = self.selected(xt, scored)
         return row_sums(draws, sel, keep, lambda kp: self.per_token(model, x0, xt, t_int, sel, train=False,
                                                                     key_padding=kp),

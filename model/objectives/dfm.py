@@ -37,7 +37,7 @@ import torch
 
 from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, register
 from .common import (RealVocab, add_token_draw, categorical, choice, corrupt, count_forward, enumeration_states,
-                     need_mask, pad_draws, pattern_probs, position_uniforms, real_columns,
+                     need_mask, noised_draws, pattern_probs, position_uniforms, real_columns,
                      real_token_probs, row_sums)
 from .mdm import eval_generator
 
@@ -146,10 +146,7 @@ class DiscreteFlowMatching(RealVocab, Objective):
         return EvalDraw({"k": k, "pos": pos, "tok": tok, "scored": maskable.clone()}, 1.0)
 
     def eval_sums(self, model, x0, draws, *, keep, subs=True):
-        dev = x0.device
-        k = torch.tensor([d.noise["k"] for d in draws], dtype=torch.float64, device=dev)
-        pos, tok, scored = pad_draws(draws, {"pos": 2.0, "tok": 0.0, "scored": False}, x0.shape[1], dev)
-        xs = torch.where(scored, self.sample_path(x0, k, pos, tok), x0)
+        k, xs, scored = noised_draws(x0, draws, "k", torch.float64, self.sample_path)
         t = 1.0 - k ** (1.0 / self.n)  # the network's level: s = kappa^{-1}(k), t = 1 - s
         return row_sums(draws, scored, keep, lambda kp: self.per_token(model, x0, xs, t, k, torch.ones_like(k),
                                                                       "generalized_kl", sel=scored, key_padding=kp))

@@ -54,7 +54,7 @@ import torch
 
 from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, register
 from .common import (RealVocab, add_token_draw, categorical, choice, corrupt, count_forward, enumeration_states,
-                     graph_setting, pad_draws, pattern_probs, position_uniforms, real_columns, row_sums)
+                     graph_setting, noised_draws, pattern_probs, position_uniforms, real_columns, row_sums)
 from .mdm import autocast_for
 from .uniform import eval_time, prior_kl
 
@@ -243,10 +243,7 @@ class SEDD(RealVocab, Objective):
         return EvalDraw({"t": (1.0 - eps) * u + eps, "pos": pos, "tok": tok, "scored": maskable.clone()}, 1.0 - eps)
 
     def eval_sums(self, model, x0, draws, *, keep, subs=True):
-        dev = x0.device
-        t = torch.tensor([d.noise["t"] for d in draws], dtype=torch.float64, device=dev)
-        pos, tok, scored = pad_draws(draws, {"pos": 2.0, "tok": 0.0, "scored": False}, x0.shape[1], dev)
-        xt = torch.where(scored, self.perturb(x0, t, pos, tok), x0)
+        t, xt, scored = noised_draws(x0, draws, "t", torch.float64, self.perturb)
         sel = self.selected(xt, scored)
         return row_sums(draws, sel, keep, lambda kp: self.per_token(model, x0, xt, t, sel, key_padding=kp),
                         prior=self.prior_nats(), scored=scored)
@@ -369,7 +366,7 @@ class SEDD(RealVocab, Objective):
     def _absorb_step(self, s, block, is_mask, remaining, t, s_time, predictor, noise, temperature):
         """One absorb step, drawn as model.sample's MDLM sampler draws: the token by a Gumbel argmax over the
         log-scores at masked positions (noise.masked), then "leave the mask" with probability P (noise.rows)."""
-        from model.sample import gumbel_argmax
+        from model.decoding import gumbel_argmax
         keep = real_columns(s.shape[-1], self.mask_id, s.dtype, s.device)
         ls = s[is_mask].masked_fill(keep == 0, float("-inf"))  # (n, V) log-scores over real tokens
         u = noise.masked(is_mask, ls.shape[-1]) if temperature > 0 else None
