@@ -12,7 +12,9 @@ known exactly (data/synthetic.py), so every sample is scored against it:
   - H: the true entropy rate, the expected NLL of real continuations. Ancestral sampling from a perfect
     model sits at H; mode-seeking decoding (greedy, confidence-ordered) sits below it; errors sit above;
   - valid: the fraction of generated transitions the language allows;
-  - unigram H: the entropy of each sample's token histogram (repetition shows up as low entropy).
+  - unigram H: the entropy of each sample's token histogram (repetition shows up as low entropy);
+  - bigram TV (--grid remdm): total variation between the generated adjacent pairs and the language's pair
+    distribution, one number for both errors and mode collapse (real data: its sampling floor).
 The first row scores real continuations from the language itself (the reference). Prompts are the first
 --prompt-len tokens of sequences from the language (--prompt-len 0: unconditional).
 
@@ -250,10 +252,11 @@ def scaling(model, prompts, seeds, score, *, gen_length: int, block_length: int,
     n_blocks = gen_length // block_length
     rows = []
     if synthetic:
-        print("| steps | sampler | T | top-p | NFE | NLL | NLL - H | p>0 | valid | unigram H | CPU s |")
-        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| steps | sampler | T | top-p | NFE | NLL | NLL - H | p>0 | valid | unigram H | bigram TV | CPU s |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(f"| | real data | | | | {ref['nll']:.4f} ± {ref['nll_se']:.4f} | {ref['nll'] - H:+.4f} "
-              f"| {100 * ref['finite']:.0f}% | {100 * ref['valid']:.2f}% | {ref['unigram_entropy']:.3f} | |")
+              f"| {100 * ref['finite']:.0f}% | {100 * ref['valid']:.2f}% | {ref['unigram_entropy']:.3f} "
+              f"| {ref['bigram_tv']:.3f} | |")
     else:
         print("| steps | sampler | T | top-p | NFE | Gen PPL | unigram H | CPU s |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -273,7 +276,7 @@ def scaling(model, prompts, seeds, score, *, gen_length: int, block_length: int,
             if synthetic:
                 print(head + f" {row['nll']:.4f} ± {row['nll_se']:.4f} | {row['nll_minus_H']:+.4f} "
                              f"| {100 * row['finite']:.0f}% | {100 * row['valid']:.2f}% | {row['unigram_entropy']:.3f} "
-                             f"| {cpu:.0f} |", flush=True)
+                             f"| {row['bigram_tv']:.3f} | {cpu:.0f} |", flush=True)
             else:
                 print(head + f" {row['gen_ppl']:.2f} | {row['unigram_entropy']:.3f} | {cpu:.0f} |", flush=True)
     return rows

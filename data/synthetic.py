@@ -84,8 +84,10 @@ class MarkovLanguage:
         first token scored under pi): nll, the mean over samples of the per-token negative log-likelihood of
         those samples the language can produce (nll_se its standard error); finite, the fraction of such
         samples; valid, the fraction of transitions the language allows; unigram_entropy, the mean entropy of
-        each sample's token histogram (repetition shows up low). Real samples score nll ~ entropy_per_token(G)
-        (entropy_rate after a prompt), valid 1."""
+        each sample's token histogram (repetition shows up low); bigram_tv, the total-variation distance
+        between the empirical distribution of all generated adjacent pairs and the language's pi_a P_ab (errors
+        and mode collapse both raise it; real samples sit at a floor that shrinks with the number of pairs).
+        Real samples score nll ~ entropy_per_token(G) (entropy_rate after a prompt), valid 1."""
         N, G = gen.shape
         S = self.num_symbols
         seq = np.concatenate([prompts, gen], 1)
@@ -109,7 +111,13 @@ class MarkovLanguage:
             p = c[c > 0] / c.sum()
             uni.append(float(-(p * np.log(p)).sum()))
         fin = nll[finite]
+        first = max(P, 1)  # pairs (x_{j-1}, x_j) ending at a generated position
+        a, b = np.minimum(seq[:, first - 1:-1], S).ravel(), np.minimum(seq[:, first:], S).ravel()  # S: not a symbol
+        emp = np.bincount(a * (S + 1) + b, minlength=(S + 1) ** 2).reshape(S + 1, S + 1) / max(1, a.size)
+        true = np.zeros((S + 1, S + 1))
+        true[:S, :S] = self.pi[:, None] * self.P
         return {"nll": float(fin.mean()) if finite.any() else float("inf"),
+                "bigram_tv": float(0.5 * np.abs(emp - true).sum()) if a.size else float("nan"),
                 "nll_se": float(fin.std(ddof=1) / math.sqrt(len(fin))) if finite.sum() > 1 else float("nan"),
                 "finite": float(finite.mean()), "valid": float(np.isfinite(trans).mean()),
                 "unigram_entropy": float(np.mean(uni))}

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data.dist import rank as process_rank, world_size
 from model.objectives import DiffusionConfig, Objective, build_objective, pad
 from model.objectives.ar import ar_nll_sums
 from model.objectives.mdm import autocast_for
@@ -131,17 +132,10 @@ def sequence_samples(model, seqs, *, method: str, samples: int, seed: int, mask_
     return out
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _reduce(values: list[float], device) -> list[float]:
     """Sum a few float64 statistics over all ranks (gloo on CPU, nccl on CUDA)."""
-    _, world = _world()
     t = torch.tensor(values, dtype=torch.float64)
-    if world > 1:
+    if world_size() > 1:
         t = t.to(device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t)
     return t.cpu().tolist()
@@ -158,7 +152,7 @@ def evaluate_blocks(model, blocks, *, method: str, samples: int = 1, seed: int =
     Estimate. For "ar", positions 1..L-1 that are `maskable` are scored (the first token has no context)."""
     rows = _as_rows(blocks)
     masks = None if maskable is None else _as_rows(maskable)
-    rank, world = _world()
+    rank, world = process_rank(), world_size()
     lo, hi = (len(rows) * rank) // world, (len(rows) * (rank + 1)) // world
     device = next(model.parameters()).device
     bar = None

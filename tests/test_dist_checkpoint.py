@@ -72,6 +72,7 @@ def test_export_consolidates_any_layout(four, tmp_path):
 
     from data import build_data
     from eval.load import load as load_run
+    from model.objectives import build_objective
     from pretrain.checkpoint.weights import load_model_weights
     from pretrain.interop.export import export
     from pretrain.loop.evaluate import evaluate
@@ -83,8 +84,10 @@ def test_export_consolidates_any_layout(four, tmp_path):
         assert torch.equal(a, b), name
     cfg = loaded.cfg
     data = build_data(cfg.data, cfg.train.seed)
+    objective = build_objective(cfg.diffusion, mask_id=cfg.model.mask_id, vocab_size=cfg.model.vocab_size)
     val = evaluate(loaded.model, cfg, next(iter(data.valid.values())), dp_rank=0, dp_size=1,
-                   micro=cfg.train.global_batch_size, device=torch.device("cpu"), autocast=contextlib.nullcontext())
+                   micro=cfg.train.global_batch_size, device=torch.device("cpu"), autocast=contextlib.nullcontext(),
+                   objective=objective)
     assert abs(val - metrics(four / "dp2tp2")["val"][4]) < TOL
     # bf16 export halves the file and stays close.
     out16 = export(four / "dp2tp2", tmp_path / "export16", dtype=torch.bfloat16)
