@@ -144,6 +144,8 @@ def main(argv=None) -> int:
                     help="remdm: inference-time scaling, MDLM / LLaDA / ReMDM at L/4..4L steps (--temperatures "
                          "unused: each row has its own)")
     ap.add_argument("--repeat", type=int, default=1, help="time each setting this many times, keep the best")
+    ap.add_argument("--scaling-steps", default=",".join(f"{f:g}" for f in SCALING_STEPS),
+                    help="--grid remdm: the step counts, as multiples of --gen-length")
     default_text = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
     ap.add_argument("--text", default=str(default_text),
                     help="text for the prompts of a text checkpoint (default: ../shared/data Tiny Shakespeare)")
@@ -202,7 +204,8 @@ def main(argv=None) -> int:
             return {"gen_ppl": gen_ppl(ar, prompts, g), "unigram_entropy": text_unigram_entropy(g)}
         rows = scaling(model, prompts, seeds, score, mask_id=mask_id, gen_length=G, block_length=args.block_length,
                        batch_size=N, objective=run.objective, synthetic=synthetic, ref=ref,
-                       H=H if synthetic else None, repeat=args.repeat)
+                       H=H if synthetic else None, repeat=args.repeat,
+                       fracs=[float(f) for f in args.scaling_steps.split(",")])
         if args.json:
             Path(args.json).write_text(json.dumps({"reference": ref, "H": H if synthetic else None, "rows": rows},
                                                   indent=1))
@@ -246,8 +249,8 @@ def main(argv=None) -> int:
 
 
 def scaling(model, prompts, seeds, score, *, gen_length: int, block_length: int, batch_size: int, synthetic: bool,
-            ref: dict, H, repeat: int, **kw) -> list[dict]:
-    """The --grid remdm rows: each SCALING_GRID setting at each of SCALING_STEPS x gen_length steps, scored."""
+            ref: dict, H, repeat: int, fracs=SCALING_STEPS, **kw) -> list[dict]:
+    """The --grid remdm rows: each SCALING_GRID setting at each of `fracs` x gen_length steps, scored."""
     from model.remdm import ReMDMConfig
     n_blocks = gen_length // block_length
     rows = []
@@ -261,7 +264,7 @@ def scaling(model, prompts, seeds, score, *, gen_length: int, block_length: int,
         print("| steps | sampler | T | top-p | NFE | Gen PPL | unigram H | CPU s |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|")
         print(f"| | real text | | | | {ref['gen_ppl']:.2f} | {ref['unigram_entropy']:.3f} | |")
-    for frac in SCALING_STEPS:
+    for frac in fracs:
         steps = max(n_blocks, round(gen_length * frac / n_blocks) * n_blocks)
         for label, sampler, T, rem in SCALING_GRID:
             remdm = ReMDMConfig(*rem) if rem is not None else None

@@ -24,7 +24,10 @@ def main(argv=None) -> None:
     first, last = unmask_order(module(), tok.decode, args.k, mask_id=tok.mask_id,
                                n_real=getattr(tok, "vocab_size", None))
     w = module().detach()
-    print(f"w over {w.numel()} entries: min {float(w.min()):.3f} mean {float(w.mean()):.3f} max {float(w.max()):.3f}")
+    n_real = getattr(tok, "vocab_size", None) or w.numel()
+    w = w[[i for i in range(min(n_real, w.numel())) if i != tok.mask_id]]  # real tokens only
+    print(f"w over {w.numel()} tokens: min {float(w.min()):.3f} mean {float(w.mean()):.3f} max {float(w.max()):.3f} "
+          f"std {float(w.std()):.3f}")
     print("unmask first (largest w):")
     for s, v in first:
         print(f"  {v:7.3f}  {s}")
