@@ -319,7 +319,9 @@ def main(argv=None) -> tuple[list[dict], list[str]]:
                                   progress=not args.no_progress, desc=f"{name} {method}", objective=objective)
             seconds = time.perf_counter() - t0
             row = result_row(est, dataset=name, split=split, source=source, blocks=blocks, seq_len=args.seq_len,
-                             seconds=seconds, step=loaded.step, ckpt=str(loaded.path), true_entropy=truth,
+                             seconds=seconds, step=loaded.step, ckpt=str(loaded.path),
+                             # AR scores tokens 2..L given their prefixes: what it bounds is the entropy rate
+                             true_entropy=tok.lang.entropy_rate if truth is not None and objective.causal else truth,
                              protocol=protocol.name if name != "synthetic" else "synthetic",
                              rows_per_wrap=protocol.rows_per_wrap, tokenizer=tok, weights=weights,
                              wrap_shards=protocol.wrap_shards)

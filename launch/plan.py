@@ -183,6 +183,7 @@ def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, a
         mcfg = replace(mcfg, time_conditioning="adaln")  # as the trainer requires (and launch.sweep sets)
     row_loss_bytes = getattr(obj, "row_loss_bytes", 0)
     input_multiplier = getattr(obj, "input_multiplier", 1)  # block: the 2L input
+    passes = obj.forward_passes if isinstance(obj.forward_passes, int) else 1  # genmd4: a pass per mask
     if row_loss_bytes and hasattr(obj, "chunk"):  # uniform/hybrid: diffusion.row_chunk rows (default) if smaller
         from model.objectives import DiffusionConfig
         ce_chunk = min(ce_chunk, DiffusionConfig().row_chunk) if ce_chunk > 0 else DiffusionConfig().row_chunk
@@ -200,7 +201,7 @@ def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, a
     # Gradient accumulation reduces only after the last micro-batch: until then every rank holds the
     # unsharded fp32 gradients (parallel.reduce_every_micro_batch=true trades this for more communication).
     accum_grads = 4 * exact["unsharded_elements"] if (dp > 1 and accum > 1 and not reduce_every_micro_batch) else 0
-    acts = {mode: activation_bytes(mcfg, seq_len=seq_len, micro=micro, tp=layout.tp, ac=mode, ac_every=ac_every,
+    acts = {mode: activation_bytes(mcfg, seq_len=seq_len, micro=micro * passes, tp=layout.tp, ac=mode, ac_every=ac_every,
                                    ce_chunk=ce_chunk, attn_mask=attn_mask, row_loss_bytes=row_loss_bytes,
                                    input_multiplier=input_multiplier)
             for mode in AC_MODES}

@@ -12,7 +12,9 @@ A sweep file (see configs/sweeps/*.yaml):
     sizes:  [{name: s1, dim: 64, n_layers: 2, n_heads: 2, ffn_dim: 256}, {name: m, preset: 19M}, ...]
     budgets: [1e12, 3e12]       # training FLOPs per run (the count of pretrain/loop/flops.py: attention included,
                                 # the MDM head at masked positions, SMDM's random-length correction)
-    objectives: [mdm, ar]
+    objectives: [mdm, ar, {name: genmd4, label: genmd4-s1, overrides: {genmd4.samples_per_t: 1}}]
+                                # `label` names the run (needed when two entries of one objective differ only
+                                # in keys the run name does not show)
     seeds: [0]
     unique_tokens: [0]          # optional data-constrained axis: 0 = all the data, else U unique tokens repeated
     exclude: [{size: s1, objective: ar, budget: 3e12}]   # optional: grid points not to run (IsoFLOP profiles
@@ -35,6 +37,7 @@ import difflib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -80,6 +83,7 @@ class RunPlan:
     unique: int = 0  # unique training tokens available to the run
     epochs: float = 0.0
     est_s: float = 0.0
+    label: str = ""  # the objective's name in run names and tables (an entry's `label`, or derived)
 
 
 # ----------------------------------------------------------------------------- reading a sweep file
@@ -203,6 +207,10 @@ def make_plan(spec: dict, *, quiet: bool = False) -> list[RunPlan]:
         for oi, obj_entry in enumerate(objectives):
             obj, obj_over = named(obj_entry, oi, "objectives", "name")
             where_o = f"objectives[{oi}] {obj!r}"
+            obj_label = obj_entry.get("label") if isinstance(obj_entry, dict) else None
+            if obj_label is not None and not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(obj_label)):
+                raise SweepError(f"{where_o}: label {obj_label!r} goes into run names: use letters, digits and "
+                                 f"_ . + - only")
             if obj not in causal_by_objective():
                 close = difflib.get_close_matches(str(obj), causal_by_objective(), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -229,7 +237,8 @@ def make_plan(spec: dict, *, quiet: bool = False) -> list[RunPlan]:
                             size, model_keys, obj, budget, int(seed), U,
                             [(where_s, size.get("overrides") or {}), (where_o, obj_over), (where_b, b_over),
                              (f"unique_tokens[{ui}]", u_over)], where_s, where_o, where_b,
-                            torch, Transformer, count_params, Config, ConfigError, from_dict, step_flops))
+                            torch, Transformer, count_params, Config, ConfigError, from_dict, step_flops,
+                            obj_label))
     plans = _exclude(spec.get("exclude") or [], plans)
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
@@ -269,13 +278,14 @@ def _fmt_budget(b: float) -> str:
 
 def _plan_one(spec, base, rules, ev, timing, data_cache, sweep, out_dir, index, size, model_keys, obj, budget,
               seed, U, layers, where_s, where_o, where_b, torch, Transformer, count_params, Config, ConfigError,
-              from_dict, step_flops) -> RunPlan:
+              from_dict, step_flops, label=None) -> RunPlan:
     obj_over = dict(layers[1][1])
-    block = obj_over.get("diffusion.block_size")  # block diffusion: one run per block size
-    label = f"{obj}{block}" if obj == "block" and block is not None else obj
-    variant = obj_over.get("diffusion.graph") or obj_over.get("diffusion.source")  # sedd/d3pm graph, dfm source
-    if variant is not None:
-        label = f"{label}-{variant}"
+    if label is None:  # two entries of one objective need a `label` unless these keys tell them apart
+        block = obj_over.get("diffusion.block_size")  # block diffusion: one run per block size
+        label = f"{obj}{block}" if obj == "block" and block is not None else obj
+        variant = obj_over.get("diffusion.graph") or obj_over.get("diffusion.source")  # sedd/d3pm graph, dfm source
+        if variant is not None:
+            label = f"{label}-{variant}"
     run = f"{size['name']}-{label}-C{_fmt_budget(budget)}" + (f"-U{_fmt_budget(U)}" if U else "") + f"-s{seed}"
     where = f"run {run} ({where_s}, {where_o}, {where_b})"
     tree = json.loads(json.dumps(base))
@@ -351,7 +361,7 @@ def _plan_one(spec, base, rules, ev, timing, data_cache, sweep, out_dir, index, 
     est = steps * sf["total"] / rate + float(timing.get("overhead_s", 10))
     return RunPlan(run, index, size["name"], obj, budget, seed, U, tree, counts["total"], counts["non_embedding"],
                    cfg.train.global_batch_size, cfg.optim.lr, steps, sf, steps * sf["total"], tokens, unique,
-                   tokens / unique if unique else float("nan"), est)
+                   tokens / unique if unique else float("nan"), est, label)
 
 
 def plan_table(plans: list[RunPlan]) -> str:
@@ -485,7 +495,8 @@ def work(d: Path, run: str, threads: int = 0) -> dict:
         raise RuntimeError(f"{run_dir} finished without a checkpoint to evaluate")
     best = min(evals, key=lambda e: e["nelbo"])
     final = max(evals, key=lambda e: e["step"])
-    record = {k: entry[k] for k in ("name", "size", "objective", "budget", "seed", "unique_tokens", "params_total",
+    record = {k: entry.get(k) for k in ("name", "size", "objective", "label", "budget", "seed", "unique_tokens",
+                                        "params_total",
                                     "params_nonembed", "batch", "lr", "steps", "flops", "tokens", "unique", "epochs")}
     record.update(sweep=plan["sweep"], seq_len=cfg.data.seq_len, dim=cfg.model.dim, n_layers=cfg.model.n_layers,
                   flops_per_step=entry["step_flops"], final_nelbo=final["nelbo"], final_stderr=final["stderr"],

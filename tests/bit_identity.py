@@ -192,9 +192,10 @@ def environment() -> dict:
             "python": platform.python_version(), "machine": platform.machine()}
 
 
-def record(root: str | Path, work: str | Path, jobs: int = 2) -> dict:
+def record(root: str | Path, work: str | Path, jobs: int = 2, dist_variants=None) -> dict:
     """Run the whole recipe from `root` with outputs under `work`; returns the JSON-able result. One-process
-    jobs run `jobs` at a time (each single-threaded); the 4-process runs run alone."""
+    jobs run `jobs` at a time (each single-threaded); the 4-process runs run alone, for every variant or only
+    for `dist_variants` (the test suite's subset: the 4-process runs cost most of the recipe's time)."""
     root, work = Path(root).resolve(), Path(work).resolve()
     runs, logs = work / "runs", work / "logs"
     t_start = time.perf_counter()
@@ -206,8 +207,14 @@ def record(root: str | Path, work: str | Path, jobs: int = 2) -> dict:
         _, seconds = run(cmd, root, logs / f"{name}.log")
         timings[name] = round(seconds, 2)
 
+    dist = tuple(VARIANTS) if dist_variants is None else tuple(dist_variants)
+    unknown = set(dist) - set(VARIANTS)
+    if unknown:
+        raise RecipeError(f"dist_variants {sorted(unknown)} are not variants of the recipe ({', '.join(VARIANTS)})")
+    ran = {"1proc": tuple(VARIANTS), "dp2xtp2": dist}
+
     def train_jobs(layout):
-        return [(f"train/{v}-{layout}", train_cmd(v, layout, runs)) for v in VARIANTS]
+        return [(f"train/{v}-{layout}", train_cmd(v, layout, runs)) for v in ran[layout]]
 
     single = train_jobs("1proc")
     with ThreadPoolExecutor(max(1, jobs)) as pool:
@@ -237,7 +244,7 @@ def record(root: str | Path, work: str | Path, jobs: int = 2) -> dict:
     result = {
         "recipe_version": RECIPE_VERSION,
         "train": {f"{v}/{layout}": exact(read_metrics(runs / f"{v}-{layout}")) for layout in LAYOUTS
-                  for v in VARIANTS},
+                  for v in ran[layout]},
         "ppl": {v: exact(read_ppl(out)) for v, out in ppl_out.items()},
         "generate": {name: read_generate(gen_stdout[name]) for name in GEN_CALLS},
         # not compared: where it ran and how long it took
@@ -253,6 +260,12 @@ COMPARED = ("recipe_version", "train", "ppl", "generate")
 # Fields that evaluation results gained after the fixture was recorded, by design: which objective's bound a row
 # estimates (model/objectives). They add information; every field the fixture has must still be identical.
 ADDED_FIELDS = {"objective", "prior_nats_per_token"}
+
+# Reference values corrected on purpose after the fixture was recorded (not numerics): the AR runs' logged
+# `true_entropy` (training log and eval.ppl's row) was the whole-sequence entropy per token, which AR's loss over
+# tokens 2..L does not bound; it is now the language's entropy rate. The test checks the new values against the
+# language separately.
+CORRECTED = {"train.ar/1proc.true_entropy", "train.ar/dp2xtp2.true_entropy", "ppl.ar[0].true_entropy"}
 
 
 def diff(expected: Any, actual: Any, path: str = "") -> list[str]:
@@ -278,7 +291,7 @@ def diff(expected: Any, actual: Any, path: str = "") -> list[str]:
         for i, (e, a) in enumerate(zip(expected, actual)):
             out += diff(e, a, f"{path}[{i}]")
         return out
-    if expected != actual:
+    if expected != actual and path not in CORRECTED:
         return [f"{path}: got {short(actual)}, expected {short(expected)}" + ulps(expected, actual)]
     return []
 

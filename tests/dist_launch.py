@@ -46,16 +46,22 @@ def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.Completed
     return p
 
 
-def run_once(tmp_path_factory, key: str, nproc: int, scenario: str, *args: str) -> Path:
+def run_once(tmp_path_factory, key: str, nproc: int, scenario: str, *args: str, timeout: int = 600) -> Path:
     """Run a scenario once per pytest session into <basetemp>/dist_<key> (results shared across modules)."""
     out = tmp_path_factory.getbasetemp() / f"dist_{key}"
     done = out / "DONE"
     if not done.exists():
         t0 = time.perf_counter()
-        torchrun(nproc, scenario, str(out), *args)
+        torchrun(nproc, scenario, str(out), *args, timeout=timeout)
         out.mkdir(parents=True, exist_ok=True)
         done.write_text(f"{time.perf_counter() - t0:.1f}\n")
     return out
+
+
+def objective_scenarios(tmp_path_factory) -> Path:
+    """Every objective's 4-process scenario (tests/dist_worker.py `objectives`), one launch per pytest session;
+    each module reads its own subfolder."""
+    return run_once(tmp_path_factory, "objectives", 4, "objectives", timeout=900)
 
 
 def load(path: Path) -> dict:

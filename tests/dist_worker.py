@@ -303,7 +303,8 @@ def scenario_async_resume(out: Path) -> None:
 
 def scenario_deepspeed(out: Path) -> None:
     """The native engine at DP=2, then DeepSpeed ZeRO-1/2/3 on the same config; ZeRO-2 stops at step 4 and
-    resumes within the engine; loading across engines must fail with the explanation."""
+    resumes within the engine; loading across engines must fail with the explanation. Last, block diffusion
+    (3 steps) natively and under ZeRO-2."""
     from pretrain.checkpoint.store import EngineMismatch
     common = ["train.steps=6", "train.save_every=3", "train.eval_every=3", "train.log_every=1"]
     train_run(out, "native", common)
@@ -320,6 +321,11 @@ def scenario_deepspeed(out: Path) -> None:
         except EngineMismatch as e:
             errors[engine] = str(e)
     write_json(out, "engine_mismatch.json", errors)
+    # Block diffusion (its 2L input under the block mask) under ZeRO-2 at DP=2 against the native engine.
+    block = ["diffusion.objective=block", "diffusion.block_size=4", "train.steps=3", "train.log_every=1",
+             "train.eval_every=1000", "train.save_every=1000"]
+    train_run(out, "block_native", block)
+    train_run(out, "block_zero2", block + ["parallel.engine=deepspeed", "parallel.zero_stage=2"])
 
 
 # ----------------------------------------------------------------------------- performance-path scenarios (issue 10)
@@ -708,8 +714,8 @@ def scenario_baselines(out: Path) -> None:
     """4 processes, the classic baselines (sedd, d3pm, dfm; time-conditioned, the adaLN modulation perturbed
     identically in every layout): DP2 x TP2 in lock-step with the unsharded reference for each objective in
     both of its graphs / sources (2 steps). Then, per objective, a DP2 x TP2 run of 4 steps (the reference,
-    never stopped), the same run stopped (and checkpointed) at step 2, resumed from that checkpoint at
-    DP2 x TP2 (the same layout) and at DP4 (another data-parallel degree). Last, sedd's 4 steps under DeepSpeed
+    never stopped), the same run stopped (and checkpointed) at step 2, resumed from that checkpoint at DP4
+    (another data-parallel degree). Last, sedd's 4 steps under DeepSpeed
     ZeRO-2 at DP4 (when deepspeed is installed), against the DP2 x TP2 reference."""
     dp2_tp2 = {"name": "dp2_tp2", "rep": 1, "shard": 2, "tp": 2}
     for name, over in BASELINES.items():
@@ -720,9 +726,10 @@ def scenario_baselines(out: Path) -> None:
         common = COND + over + RESUME_RUN
         train_run(out, f"{name}_reference", common + ["parallel.dp_shard=2", "parallel.tp=2"])
         train_run(out, name, common + ["parallel.dp_shard=2", "parallel.tp=2", "train.stop_after=2"])
-        for tag, layout in (("same", ["parallel.dp_shard=2", "parallel.tp=2"]), ("dp4", ["parallel.dp_shard=4"])):
-            copy_run(out / name, out / f"{name}_{tag}")
-            train_run(out, f"{name}_{tag}", common + layout)
+        # resumed at DP4 only: a resume in the same layout is the generic checkpoint path that
+        # tests/test_dist_checkpoint.py covers; what is objective-specific is the state that must reshard
+        copy_run(out / name, out / f"{name}_dp4")
+        train_run(out, f"{name}_dp4", common + ["parallel.dp_shard=4"])
     try:
         import deepspeed  # noqa: F401
     except ImportError:
@@ -731,7 +738,18 @@ def scenario_baselines(out: Path) -> None:
                                                                         "parallel.zero_stage=2"])
 
 
-SCENARIOS = {"genmd4": scenario_genmd4, "baselines": scenario_baselines, "perf": scenario_perf, "two": scenario_two, "four": scenario_four, "resume": scenario_resume, "async_kill": scenario_async_kill,
+OBJECTIVE_SCENARIOS = ("time_cond", "block", "uniform", "genmd4", "baselines")
+
+
+def scenario_objectives(out: Path) -> None:
+    """4 processes: every objective scenario above, each into out/<name>, in one launch (a torchrun start and
+    four interpreters importing torch cost as much as a small scenario)."""
+    for name in OBJECTIVE_SCENARIOS:
+        (out / name).mkdir(parents=True, exist_ok=True)
+        SCENARIOS[name](out / name)
+
+
+SCENARIOS = {"objectives": scenario_objectives, "genmd4": scenario_genmd4, "baselines": scenario_baselines, "perf": scenario_perf, "two": scenario_two, "four": scenario_four, "resume": scenario_resume, "async_kill": scenario_async_kill,
              "async_resume": scenario_async_resume, "deepspeed": scenario_deepspeed, "time_cond": scenario_time_cond,
              "block": scenario_block, "uniform": scenario_uniform}
 

@@ -116,3 +116,23 @@ def test_progress_bar_only_on_a_terminal(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert re.search(r"step +3/3 \| loss", out), out
     assert "it/s" not in err and "train:" not in err, err
+
+
+def test_ar_is_compared_with_the_entropy_rate_it_bounds():
+    """AR's loss scores tokens 2..L given their prefixes, so what it bounds is the entropy rate, not the
+    whole-sequence entropy per token (which includes the first token's larger entropy): with the latter AR
+    would sit below its 'bound'. Diffusion objectives score all L tokens."""
+    from data import build_data
+    from model.objectives import DiffusionConfig, build_objective
+    from pretrain.loop.train import true_entropy
+    cfg = load_config("configs/tiny.yaml")
+    data = build_data(cfg.data, 0)
+    lang = data.info["language"]
+    ar = build_objective(DiffusionConfig(objective="ar"), mask_id=cfg.model.mask_id)
+    mdm = build_objective(DiffusionConfig(objective="mdm"), mask_id=cfg.model.mask_id)
+    assert true_entropy(data, mdm) == data.true_entropy == lang.entropy_per_token(cfg.data.seq_len)
+    assert true_entropy(data, ar) == lang.entropy_rate < data.true_entropy
+    # the exact NLL of real sequences, tokens 2..L, averages to the entropy rate
+    seqs = lang.sample(np.random.default_rng(0).random((4000, cfg.data.seq_len)))
+    nll = -np.log(lang.P[seqs[:, :-1], seqs[:, 1:]]).mean(1)
+    assert abs(nll.mean() - true_entropy(data, ar)) < 4 * nll.std() / math.sqrt(len(nll))

@@ -2,12 +2,12 @@
 (tests/dist_worker.py scenario `block`, through the trainer's own step)."""
 import pytest
 
-from dist_launch import check_equivalence, load, run_once
+from dist_launch import check_equivalence, load, objective_scenarios
 
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return run_once(tmp_path_factory, "block", 4, "block")
+    return objective_scenarios(tmp_path_factory) / "block"
 
 
 def test_block_dp2_x_tp2_matches_single_process(four):

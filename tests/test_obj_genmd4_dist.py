@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from dist_launch import check_equivalence, load, run_once
+from dist_launch import check_equivalence, load, objective_scenarios
 
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return run_once(tmp_path_factory, "genmd4", 4, "genmd4")
+    return objective_scenarios(tmp_path_factory) / "genmd4"
 
 
 def records(run_dir):

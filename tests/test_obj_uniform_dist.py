@@ -3,12 +3,12 @@ one process, with adaLN time conditioning on (its modulation made non-zero) and 
 loss gathering the vocab-sharded logits chunk by chunk (scenario `uniform` of tests/dist_worker.py)."""
 import pytest
 
-from dist_launch import check_equivalence, load, run_once
+from dist_launch import check_equivalence, load, objective_scenarios
 
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return run_once(tmp_path_factory, "uniform", 4, "uniform")
+    return objective_scenarios(tmp_path_factory) / "uniform"
 
 
 @pytest.mark.parametrize("name", ["uniform", "hybrid"])

@@ -106,6 +106,25 @@ def test_exclude_drops_exactly_the_matching_runs(words, tmp_path):
     assert [p.index for p in plans] == list(range(len(plans)))
 
 
+def test_labelled_entries_of_one_objective_are_separate_runs_and_two_masks_cost_two_passes(words, tmp_path):
+    """Two genmd4 entries that differ only in keys the run name does not show need a `label`; with two masks
+    per t (two network passes per sequence) a step costs twice the FLOPs, so a budget buys half the steps."""
+    objectives = [{"name": "genmd4", "label": "g-s2", "overrides": {"diffusion.genmd4.samples_per_t": 2}},
+                  {"name": "genmd4", "label": "g-s1", "overrides": {"diffusion.genmd4.samples_per_t": 1}}]
+    plans = sweep.make_plan(_spec(words, tmp_path, objectives=objectives, budgets=[6e8], sizes=[
+        {"name": "a", "dim": 16, "n_layers": 1, "n_heads": 2, "ffn_dim": 32}]))
+    by = {p.label: p for p in plans}
+    assert sorted(by) == ["g-s1", "g-s2"] and by["g-s2"].name == "a-g-s2-C6e8-U1.6e2-s0"
+    assert by["g-s2"].step_flops["total"] == pytest.approx(2 * by["g-s1"].step_flops["total"])
+    assert by["g-s2"].step_flops["tokens"] == by["g-s1"].step_flops["tokens"]
+    assert by["g-s2"].steps in (by["g-s1"].steps // 2, by["g-s1"].steps // 2 + 1)
+    with pytest.raises(sweep.SweepError, match="two runs share a name"):
+        sweep.make_plan(_spec(words, tmp_path, objectives=[{k: v for k, v in o.items() if k != "label"}
+                                                           for o in objectives]))
+    with pytest.raises(sweep.SweepError, match="goes into run names"):
+        sweep.make_plan(_spec(words, tmp_path, objectives=[dict(objectives[0], label="a b")]))
+
+
 @pytest.mark.parametrize("change, needle", [
     (lambda s: s["sizes"].append({"name": "big", "preset": "85Mx"}), "sizes[2] 'big': unknown model preset"),
     (lambda s: s.update(budgets=[2e8, 1e3]), "budgets[1]"),

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from dist_launch import check_equivalence, load, run_once
+from dist_launch import check_equivalence, load, objective_scenarios
 from model import ModelConfig, Transformer, count_params
 from model.params import conditioning_params, flops_by_term
 from model.transformer import is_conditioning, timestep_features
@@ -225,7 +225,7 @@ def test_llada_export_refuses_a_time_conditioned_model():
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return run_once(tmp_path_factory, "time_cond", 4, "time_cond")
+    return objective_scenarios(tmp_path_factory) / "time_cond"
 
 
 def test_time_conditioned_dp2_x_tp2_matches_single_process(four):

@@ -181,6 +181,12 @@ class Objective(abc.ABC):
     title: ClassVar[str] = ""  # what users call it ("masked diffusion")
     input_multiplier: ClassVar[int] = 1  # network tokens per training token (block diffusion's [x_t, x_0]: 2)
 
+    @property
+    def forward_passes(self) -> int:
+        """Network passes per training sequence and step (GenMD4's two masks per t: 2); FLOP and memory counts
+        multiply every term by it, and logit_fraction is per pass."""
+        return 1
+
     def __init__(self, dcfg, *, mask_id: Optional[int] = None, vocab_size: Optional[int] = None):
         self.cfg, self.mask_id, self.vocab_size = dcfg, mask_id, vocab_size
 

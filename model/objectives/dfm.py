@@ -18,11 +18,19 @@ With SUBS and kappa = alpha, s = 1 - t, the generalised KL is exactly the masked
 (tests/test_obj_dfm.py). Training draws t = (1 - eps) u + eps, i.e. s in [0, 1 - eps] (the library's
 time_epsilon = 1e-3).
 
-Bound (eval.ppl), method "elbo", as examples/text/logic/evaluate.py::estimate_likelihood: the LINEAR path
-k = kappa in [0, 1 - 1e-3), k stratified over the K samples of a sequence with one random shift, x drawn from
-p_k, the network queried at s = kappa^{-1}(k), and l above with kappa = k, kappa' = 1; the estimate is the
-mean over the samples (the library's mean over its grid). No prior term: the source is matched exactly at
-s = 0.
+Bound (eval.ppl), method "elbo": the expectation of flow_matching's examples/text/logic/evaluate.py::
+estimate_likelihood (the library's only likelihood for discrete paths; its discrete solver has none). The
+LINEAR path k = kappa whatever the training scheduler (the generalised-KL ELBO does not depend on how time is
+parametrised); per sequence the K levels (1 - eps) ((u + j/K) mod 1), j < K, with one uniform shift u (the
+library's grid of n_discretization points; eps is its `epsilon`, here the run's diffusion.eps or eval --eps,
+1e-3 by default); per level a fresh x ~ p_k; the network at s = kappa^{-1}(k) = k^(1/n); l above with
+kappa = k, kappa' = 1, summed over the scored positions; the mean over the K samples. Its expectation is
+E_{k ~ U[0, 1 - eps)} E_{x_k}[sum_i l_i] = (integral over [0, 1 - eps) of the ELBO integrand) / (1 - eps),
+the library's ELBO convention (a nats-per-token NELBO; ppl = exp). The library carries the shifted grid from
+one batch to the next (shifts compound); the expectation is the same. No prior term: x_0 is the source
+exactly. With the oracle posterior the ELBO over [0, 1] is -log p(x) for the mask source, but not for the
+uniform source (the mixture of one-jump conditional paths is not Markov; tests/test_obj_dfm.py measures the
+gap).
 
 Sampler: the library's MixtureDiscreteEulerSolver: `steps` steps on s = 0 .. 1 - 1e-3; each step draws
 X_1 ~ p_{1|s} and, where X_1 differs from X_s, jumps to it with probability 1 - exp(-h kappa' / (1 - kappa));
@@ -42,7 +50,7 @@ from .common import (RealVocab, add_token_draw, categorical, choice, corrupt, co
 from .mdm import eval_generator
 
 _TAG_TOK, _TAG_EVAL_K, _TAG_EVAL_POS, _TAG_EVAL_TOK = 51, 52, 53, 54
-EVAL_EPS = 1e-3  # estimate_likelihood's (1 - 1e-3) scale of the grid
+EVAL_EPS = 1e-3  # the library's time_epsilon (solver grid, training) and estimate_likelihood's default epsilon
 
 
 def generalized_kl(logits: torch.Tensor, xs: torch.Tensor, x1: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -140,8 +148,11 @@ class DiscreteFlowMatching(RealVocab, Objective):
             raise ValueError(f"unknown estimator {method!r} for dfm; choices: elbo")
         if int(maskable.sum()) == 0:
             raise ValueError("a sequence with no scored positions has nothing to estimate")
+        if not 0.0 <= eps < 1.0:
+            raise ValueError(f"eps={eps} (eval --eps, else diffusion.eps) must be in [0, 1) for dfm: the bound "
+                             "integrates k = kappa over [0, 1 - eps)")
         shift = torch.rand(1, generator=eval_generator(seed, _TAG_EVAL_K, seq), dtype=torch.float64).item()
-        k = (1.0 - EVAL_EPS) * ((shift + sample / samples) % 1.0)
+        k = (1.0 - eps) * ((shift + sample / samples) % 1.0)
         pos, tok = position_uniforms(seed, maskable.numel(), seq, sample, _TAG_EVAL_POS, _TAG_EVAL_TOK)
         return EvalDraw({"k": k, "pos": pos, "tok": tok, "scored": maskable.clone()}, 1.0)
 
@@ -155,15 +166,15 @@ class DiscreteFlowMatching(RealVocab, Objective):
     def states(self) -> list[int]:
         return enumeration_states(self.vocab_size, self.mask_id, self.source == "mask")
 
-    def exact_nelbo(self, cond_logprobs, x0, nodes: int = 200) -> float:
-        """integral over k in [0, 1 - 1e-3) of E_{x_k}[sum_i l_i] dk / (1 - 1e-3) (the estimator's expectation),
+    def exact_nelbo(self, cond_logprobs, x0, nodes: int = 200, eps: float = EVAL_EPS) -> float:
+        """integral over k in [0, 1 - eps) of E_{x_k}[sum_i l_i] dk / (1 - eps) (the estimator's expectation),
         Gauss-Legendre in k, every x_k enumerated. cond_logprobs(Z (K, L), t) -> (K, L, V) logits."""
         import numpy as np
         L = x0.numel()
         x0 = x0.long()
         Z = torch.tensor(list(itertools.product(self.states(), repeat=L)), dtype=torch.long)
         xs_, ws = np.polynomial.legendre.leggauss(nodes)
-        hi = 1.0 - EVAL_EPS
+        hi = 1.0 - eps
         total = 0.0
         for xi, wi in zip(xs_, ws):
             k = 0.5 * hi * (xi + 1.0)

@@ -244,10 +244,14 @@ class GenMD4(Objective):
         return loss, stats
 
     def logit_fraction(self, seq_len: int) -> float:
-        """E_t[1 - alpha_t] at initialisation (w = power_init), times the number of masks per t."""
+        """E_t[1 - alpha_t] at initialisation (w = power_init), per network pass (forward_passes counts the
+        masks per t)."""
         k = self.power_init
-        mean = (1.0 - self.mask_eps) * (1.0 - self.eps ** (k + 1)) / ((k + 1) * (1.0 - self.eps))
-        return self.samples_per_t * mean
+        return (1.0 - self.mask_eps) * (1.0 - self.eps ** (k + 1)) / ((k + 1) * (1.0 - self.eps))
+
+    @property
+    def forward_passes(self) -> int:
+        return self.samples_per_t  # one network pass per mask
 
     # -- the bound
     def eval_draw(self, method, *, seed, seq, sample, samples, maskable, eps, group) -> EvalDraw:

@@ -13,7 +13,7 @@ _CUDA_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 
                "GB200": 2500e12, "B200": 2250e12}
 
 
-def measure_matmul_peak(device="cpu", dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
+def measure_matmul_peak(device="cpu", dtype=torch.float32, n: int = 1024, reps: int = 3) -> float:
     """Best observed FLOP/s of an n x n x n matmul: the machine's practical peak for this dtype."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -56,20 +56,21 @@ def step_flops(cfg, n_nonembed: int) -> dict[str, float]:
     the head is counted where the objective computes logits (its logit_fraction: every position for AR, the
     mean masked fraction for MDM); attention is counted over the full square (dense kernels, causal or not).
     An objective whose network input is m tokens per training token (block diffusion's [x_t, x_0]: m = 2)
-    costs m x the weight FLOPs and m^2 x the attention FLOPs; `tokens` stays the training tokens."""
+    costs m x the weight FLOPs and m^2 x the attention FLOPs; one that runs the network P times per sequence
+    (GenMD4's two masks per t: P = 2) costs P x everything; `tokens` stays the training tokens."""
     from model.objectives import build_objective
     from model.params import flops_by_term
     objective = build_objective(cfg.diffusion, mask_id=cfg.model.mask_id)
     h = objective.logit_fraction(cfg.data.seq_len)
-    m = objective.input_multiplier
+    m, passes = objective.input_multiplier, objective.forward_passes
     e1, e2 = length_moments(cfg.data.seq_len, cfg.data.random_length_prob)
     per_tok = flops_by_term(cfg.model, 1, n_nonembed, head_fraction=h)  # attention per token at length 1
-    G = cfg.train.global_batch_size
+    G = cfg.train.global_batch_size * passes  # network rows per step
     out = {"weights": G * e1 * m * per_tok["weights"], "attention": G * e2 * m * m * per_tok["attention"],
            "head": G * e1 * per_tok["head"],
            "conditioning": G * per_tok["conditioning"]}  # time conditioning: once per row (0 without it)
     out["total"] = out["weights"] + out["attention"] + out["head"] + out["conditioning"]
-    out["tokens"] = G * e1
+    out["tokens"] = cfg.train.global_batch_size * e1
     out["head_fraction"] = h
     return out
 

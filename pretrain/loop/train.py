@@ -283,8 +283,9 @@ def announce(run: Run) -> None:
         f"(dp {run.dp_size}, tp {run.dims.tp}) | batch {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens, "
         f"micro {run.micro}, accum {run.accum} | {precision_name(run.use_bf16, run.precision)} on {run.device} | "
         f"peak {peak / 1e9:.0f} GFLOP/s ({peak_src})" + (f" | resumed at step {run.step}" if resumed.path else ""))
-    if data.true_entropy is not None:
-        say(f"true entropy of the data: {data.true_entropy:.4f} nats/token — the loss bounds it from above")
+    if true_entropy(data, run.objective) is not None:
+        say(f"true entropy of the data: {true_entropy(data, run.objective):.4f} nats/token — the loss bounds it "
+            f"from above" + (" (AR scores tokens 2..L: the entropy rate)" if run.objective.causal else ""))
     if run.plan.rollback:
         target, aside = run.plan.rollback
         say(f"ROLLBACK to {target.name}: the newer checkpoints were moved to {aside}")
@@ -392,14 +393,14 @@ def validate(run: Run, write) -> float:
                                   dp_size=run.dp_size, micro=run.micro, device=run.device, autocast=run.autocast,
                                   objective=run.objective)
     val_loss = next(iter(vals.values()))
-    gap = f" | true entropy {data.true_entropy:.4f} (gap {val_loss - data.true_entropy:+.4f})" \
-        if data.true_entropy is not None else ""
+    H = true_entropy(data, run.objective)
+    gap = f" | true entropy {H:.4f} (gap {val_loss - H:+.4f})" if H is not None else ""
     write(f"step {run.step:>6} | " + ("EMA weights | " if ema is not None else "")
           + " | ".join(f"{k} loss {v:.4f} (ppl <= {math.exp(min(v, 50)):.2f})" for k, v in vals.items()) + gap)
     if adopted:
         write(f"step {run.step:>6} | training noise adopted (least loss variance): "
               + ", ".join(f"{k} {v:.4g}" for k, v in adopted.items()))
-    oracle = {"true_entropy": data.true_entropy} if data.true_entropy is not None else {}
+    oracle = {"true_entropy": H} if H is not None else {}
     run.log.log({"step": run.step, **{f"val/{k}": v for k, v in vals.items()}, **oracle,
                  "val_weights": "ema" if ema is not None else "raw", **adopted})
     return val_loss
@@ -439,8 +440,17 @@ def finish(run: Run, val_loss: float, preempted: bool) -> dict:
     run.log.close()
     if run.rank == 0 and cfg.logging.plot:
         say(f"loss curves: {plot_runs([run.run_dir], run.run_dir / 'loss.png')}")
-    return {"step": run.step, "val_loss": val_loss, "true_entropy": run.data.true_entropy,
+    return {"step": run.step, "val_loss": val_loss, "true_entropy": true_entropy(run.data, run.objective),
             "run_dir": str(run.run_dir), "samples": samples, "preempted": preempted}
+
+
+def true_entropy(data, objective) -> Optional[float]:
+    """What the validation loss bounds, nats/token, when the data knows it: the entropy of a whole sequence per
+    token, or for AR, which scores tokens 2..L given their prefixes, the language's entropy rate."""
+    lang = data.info.get("language") if data.info else None
+    if objective.causal and lang is not None and hasattr(lang, "entropy_rate"):
+        return float(lang.entropy_rate)
+    return data.true_entropy
 
 
 def peak_memory_gib(device) -> float:
