@@ -51,7 +51,7 @@ def exponent_spread(loaded) -> str:
 VARIANTS = {
     "uniform": [("psi kappa=0.5", "psi", {"psi_kappa": 0.5}), ("greedy tail", "mdlm", {"noise_removal": "greedy"}),
                 ("self-correct x8", "mdlm", {"self_correct_steps": 8})],
-    "sedd": [("euler", "mdlm", {"sedd_predictor": "euler"})],
+    "sedd": [("euler", "mdlm", {"predictor": "euler"})],
 }
 VARIANTS["hybrid"] = VARIANTS["uniform"]
 
@@ -61,23 +61,46 @@ def sample(loaded, n: int, length: int, steps: int, seed: int, kv_cache: str = "
     """(rows, CPU seconds): n unconditional samples with the run's own sampler (diffusion `keys` set on its
     objective for this draw), one generator per row."""
     cfg, obj = loaded.cfg, loaded.objective
+    prompt = None
+    if obj.causal:  # AR needs a first token to condition on: the language's own first token, or BOS on text
+        prompt = first_tokens(loaded, n, seed)
+        length, steps = length - 1, max(1, steps - 1)
     kw = dict(mask_id=cfg.model.mask_id, gen_length=length, steps=steps, batch_size=n, temperature=1.0,
               generator=row_generators([seed * 100_003 + i for i in range(n)]), objective=obj)
     if not obj.causal:
         kw["sampler"] = sampler  # masked objectives: mdlm is the ancestral step; others read their own keys
     if obj.name == "block":
         kw["kv_cache"] = kv_cache
-    saved = {k: getattr(obj.cfg, k) for k in keys or {}}
-    for k, v in (keys or {}).items():
-        setattr(obj.cfg, k, v)
+    # a key lives on the objective's config, or on the objective itself when it resolved it at construction
+    targets = [(t, k) for k in keys or {} for t in (obj.cfg, obj) if hasattr(t, k)]
+    if keys and {k for _, k in targets} != set(keys):
+        raise SystemExit(f"{obj.name} has no sampler key(s) {sorted(set(keys) - {k for _, k in targets})}")
+    saved = [(t, k, getattr(t, k)) for t, k in targets]
+    for t, k in targets:
+        setattr(t, k, keys[k])
     try:
         c = time.process_time()
         with torch.no_grad():
-            out = generate(loaded.model, None, **kw)
-        return out[:, -length:].tolist(), time.process_time() - c
+            out = generate(loaded.model, prompt, **kw)
+        return out[:, -(length + (prompt is not None)):].tolist(), time.process_time() - c
     finally:
-        for k, v in saved.items():
-            setattr(obj.cfg, k, v)
+        for t, k, v in saved:
+            setattr(t, k, v)
+
+
+def first_tokens(loaded, n: int, seed: int) -> torch.Tensor:
+    """(n, 1) first tokens for AR sampling: drawn from the synthetic language's stationary start (so the whole
+    sequence is a draw from the model), or BOS (else EOS) on text."""
+    if loaded.cfg.data.kind == "synthetic":
+        lang = language_of(loaded.cfg)
+        u = np.random.default_rng(seed + 7).random((n, 1))
+        return torch.from_numpy(lang.sample(u)[:, :1].copy())
+    tok = loaded.tokenizer
+    first = getattr(tok, "bos_id", None)
+    first = getattr(tok, "eos_id", None) if first is None else first
+    if first is None:
+        raise SystemExit("the AR run's tokenizer has neither BOS nor EOS to start a sample from")
+    return torch.full((n, 1), int(first), dtype=torch.long)
 
 
 def score(gen, lang, ar_model) -> dict:
@@ -159,16 +182,17 @@ def main(argv=None) -> int:
     if synthetic:  # the language's own samples: what a perfect sampler scores at this sample count
         real = lang.sample(np.random.default_rng(args.seed).random((args.samples, L)))
         ref = lang.score(np.zeros((args.samples, 0), dtype=np.int64), real)
-    print(table(rows, synthetic, H, steps, args.samples, L, ref))
     if args.json:
-        Path(args.json).write_text(json.dumps({"sweep": str(d), "entropy": H, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"sweep": str(d), "entropy": H, "rows": rows, "real": ref,
+                                               "steps": steps, "samples": args.samples, "seq_len": L}, indent=1))
+    print(table(rows, synthetic, H, steps, args.samples, L, ref))
     return 0
 
 
 def table(rows, synthetic: bool, H, steps: int, n: int, L: int, ref=None) -> str:
-    ref = (f"the exact entropy H = {H:.4f} (AR: the entropy rate, as it scores tokens 2..L)" if synthetic
-           else "the AR run's exact NLL")
-    out = [f"Held-out bound (nats/token, 95% interval) and gap to {ref}; {n} samples of {L} tokens in {steps} "
+    against = (f"the exact entropy H = {H:.4f} (AR: the entropy rate, as it scores tokens 2..L)" if synthetic
+               else "the AR run's exact NLL")
+    out = [f"Held-out bound (nats/token, 95% interval) and gap to {against}; {n} samples of {L} tokens in {steps} "
            f"steps, temperature 1, each run's own sampler", ""]
     head = "| objective | steps | tokens | bound | gap | estimator |"
     sep = "|---|---|---|---|---|---|"

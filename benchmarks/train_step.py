@@ -5,10 +5,13 @@ Prints tokens/s, model FLOP/s and MFU against the fp32 matmul peak measured in t
 (the output head counted for every token even when it runs only at masked positions — see --full-head).
 
     python benchmarks/train_step.py [--steps 8] [--batch 8] [--seq 256] [--full-head] [--compile]
-        [--objective block --block-size 16]
+        [--objective block --block-size 16] [--baseline mdm]
 
 --objective picks another registered objective (model/objectives; default mdm, the step above). Block
 diffusion's network input is 2L tokens per sequence: its MFU is also shown counted on the 2L input.
+--baseline times a second objective's step (same model and optimizer) alternating with the first, step by
+step, so that a change of the machine's load hits both, and prints the step-time ratio (wall and this
+process's CPU time: with --threads 1 the CPU-time ratio is the robust one on a busy machine).
 """
 from __future__ import annotations
 
@@ -57,13 +60,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--objective", default="mdm", help="a registered objective (mdm, ar, block, ...)")
     ap.add_argument("--block-size", type=int, default=16, help="diffusion.block_size for --objective block")
+    ap.add_argument("--baseline", default="", help="an objective to time interleaved with --objective (e.g. mdm)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     cfg = get_preset("bench-25m")
-    obj = build_objective(DiffusionConfig(objective=args.objective, block_size=args.block_size),
-                          mask_id=cfg.mask_id, vocab_size=cfg.vocab_size)
+    names = [args.objective] + ([args.baseline] if args.baseline else [])
+    objs = {name: build_objective(DiffusionConfig(objective=name, block_size=args.block_size), mask_id=cfg.mask_id,
+                                  vocab_size=cfg.vocab_size) for name in names}
+    obj = objs[args.objective]
+    if len({o.causal for o in objs.values()}) > 1:
+        raise SystemExit(f"--baseline {args.baseline}: one model serves both objectives, so both must be causal or "
+                         f"both bidirectional ({args.objective} and {args.baseline} differ)")
     cfg.causal = obj.causal
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -79,13 +88,14 @@ def main() -> None:
 
     counter = iter(range(1 << 30))
 
-    def step():
-        if args.objective == "mdm":
+    def step(name):
+        if name == "mdm":
             u = sample_u(args.batch, gen, stratified=True)
             loss, _ = mdm_loss(net, x0, u, torch.rand(args.batch, args.seq, generator=gen), mask_id=cfg.mask_id,
                                schedule=schedule, eps=1e-3)
         else:  # the objective's own draw, noise and loss (as the trainer runs them)
-            loss, _ = obj.micro_loss(net, x0, obj.draw(0, next(counter), args.batch, args.seq), ce_chunk=4096)
+            loss, _ = objs[name].micro_loss(net, x0, objs[name].draw(0, next(counter), args.batch, args.seq),
+                                            ce_chunk=4096)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -93,12 +103,17 @@ def main() -> None:
 
     peaks = [measure_matmul_peak()]
     for _ in range(args.warmup):
-        step()
-    times = []
+        for name in names:
+            step(name)
+    walls = {name: [] for name in names}
+    cpus = {name: [] for name in names}
     for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+        for name in names:
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(name)
+            walls[name].append(time.perf_counter() - t0)
+            cpus[name].append(time.process_time() - c0)
+    times = walls[args.objective]
     peaks.append(measure_matmul_peak())
     peak = max(peaks)
     tokens = args.batch * args.seq
@@ -123,6 +138,17 @@ def main() -> None:
     if mult > 1:
         rows.append((f"MFU on the {mult}L input (median / best)",
                      f"{100 * mult * tokens * fpt_in / med / peak:.1f}% / {100 * mult * tokens * fpt_in / best / peak:.1f}%"))
+    if args.baseline:
+        b_walls, b_cpus = walls[args.baseline], cpus[args.baseline]
+        b_med = statistics.median(b_walls)
+        rows += [(f"{args.baseline} step time, interleaved (median / best)",
+                  f"{b_med * 1e3:.0f} / {min(b_walls) * 1e3:.0f} ms"),
+                 (f"{args.baseline} MFU on L tokens (median)", f"{100 * tokens * fpt / b_med / peak:.1f}%"),
+                 (f"step ratio {args.objective} / {args.baseline}, wall (median / best)",
+                  f"{med / b_med:.2f} / {best / min(b_walls):.2f}"),
+                 (f"step ratio {args.objective} / {args.baseline}, CPU time (median / best)",
+                  f"{statistics.median(cpus[args.objective]) / statistics.median(b_cpus):.2f} / "
+                  f"{min(cpus[args.objective]) / min(b_cpus):.2f}")]
     width = max(len(k) for k, _ in rows)
     print(f"| {'quantity'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
     for k, v in rows:

@@ -246,7 +246,7 @@ class Transformer(nn.Module):
         return self.time_embed(timestep_features(t))
 
     def hidden(self, tokens, doc_ids=None, key_padding=None, kv_cache=None, t=None, attn=None, positions=None,
-               mask_known: bool = False):
+               mask_known: bool = False, soft_input=None):
         cond = self.conditioning(t, tokens.shape[0])
         L = tokens.shape[1]
         # With a KV cache the tokens sit at canvas columns kv_cache.positions(L) (model/kvcache.py).
@@ -260,7 +260,7 @@ class Transformer(nn.Module):
             (int(cols.max()) + 1 if L and cols.device.type == "cpu" else 0)
         if last > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {last} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if soft_input is None else self.soft_embeddings(soft_input, tokens)
         rope = self.rope[cols]
         # The mask (or block mask, or varlen segments) is built once here and shared by every layer; `attn`, a
         # caller's prebuilt AttentionBatch (a custom mask, e.g. block diffusion's), replaces it (its dense boolean
@@ -276,6 +276,34 @@ class Transformer(nn.Module):
             h = modulate(h, *self.final_modulation.chunks(cond))
         return h
 
+    def soft_embeddings(self, soft_input, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, dim) embeddings of a soft input (DUO's curriculum, model/objectives/uniform.py): at each
+        position a weighted sum of token embeddings, given either as dense weights (B, L, V) (the result is
+        weights @ E) or sparse as a pair (ids (B, L, k) long, weights (B, L, k)), the sum over k, so no (B, L, V)
+        tensor is needed. `tokens` (B, L) still sets the shape (and is what masks and caches see).
+
+        The embedding table is read through the embedding module (one call on the V ids), so FSDP gathers its
+        weight and its gradient flows back as for token ids. Under tensor parallelism that call returns only a
+        shard of the table, which this does not combine: refused."""
+        V = self.cfg.vocab_size
+        table = self.tok_embeddings(torch.arange(V, device=tokens.device)[None])[0]
+        if table.shape[0] != V:
+            raise ValueError("a soft input (diffusion.curriculum_steps > 0) is not supported under tensor "
+                             "parallelism: set parallel.tp=1 or diffusion.curriculum_steps=0")
+        B, L = tokens.shape
+        if torch.is_tensor(soft_input):
+            if tuple(soft_input.shape) != (B, L, V):
+                raise ValueError(f"dense soft input must be (B, L, V) = {(B, L, V)}, got {tuple(soft_input.shape)}")
+            return soft_input.to(table.dtype) @ table
+        ids, weights = soft_input
+        if ids.shape != weights.shape or tuple(ids.shape[:2]) != (B, L):
+            raise ValueError(f"sparse soft input: ids and weights must both be (B, L, k) with (B, L) = {(B, L)}; "
+                             f"got {tuple(ids.shape)} and {tuple(weights.shape)}")
+        k = ids.shape[-1]
+        out = F.embedding_bag(ids.reshape(-1, k), table, per_sample_weights=weights.reshape(-1, k).to(table.dtype),
+                              mode="sum")
+        return out.view(B, L, -1)
+
     @staticmethod
     def compute_dtype(h: torch.Tensor) -> torch.dtype:
         return torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
@@ -283,7 +311,7 @@ class Transformer(nn.Module):
     def forward(self, tokens, doc_ids=None, key_padding=None, logits_at: Optional[torch.Tensor] = None,
                 targets: Optional[torch.Tensor] = None, ce_chunk: int = 0, kv_cache=None,
                 t: Optional[torch.Tensor] = None, row_loss: Optional[RowLoss] = None, attn=None,
-                positions: Optional[torch.Tensor] = None, mask_known: bool = False):
+                positions: Optional[torch.Tensor] = None, mask_known: bool = False, soft_input=None):
         """tokens: (B, L) ids. Returns logits (B, L, V), or (N, V) for the N positions where the boolean
         `logits_at` (B, L) is True: the loss needs logits only at masked positions, so the output head (the
         largest matmul for small models) runs only there. With `targets` (N,) it returns the fp32
@@ -304,11 +332,12 @@ class Transformer(nn.Module):
 
         logits_at may also be a (N,) long tensor of flat row-major positions (the training step computes them on
         the host: no sync), or a slice over positions (the AR baseline's every-position-but-the-last).
-        mask_known: the caller checked on the host that doc_ids / key_padding mask something (no device sync)."""
+        mask_known: the caller checked on the host that doc_ids / key_padding mask something (no device sync).
+        soft_input: embed a weighted mixture of tokens per position instead of `tokens` (see soft_embeddings)."""
         if targets is not None and row_loss is not None:
             raise ValueError("give either targets (cross-entropy) or row_loss (a custom per-row loss), not both")
         h = self.hidden(tokens, doc_ids, key_padding, kv_cache=kv_cache, t=t, attn=attn, positions=positions,
-                        mask_known=mask_known)
+                        mask_known=mask_known, soft_input=soft_input)
         if isinstance(logits_at, slice):
             h = h[:, logits_at].reshape(-1, h.shape[-1])
         elif logits_at is not None:

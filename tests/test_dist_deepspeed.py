@@ -30,6 +30,16 @@ def test_zero_stage_matches_native(ds, stage):
         assert abs(zero["val"][step] - native["val"][step]) < TOL, (stage, step)
 
 
+def test_zero2_trains_block_diffusion_like_native(ds):
+    """Two processes: block diffusion's 2L input and mask through ZeRO-2's sharded step (the one-process
+    engine test is tests/test_obj_block_train.py)."""
+    native, zero = metrics(ds / "block_native"), metrics(ds / "block_zero2")
+    assert sorted(zero["train"]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert abs(zero["train"][step] - native["train"][step]) < TOL, step
+    assert native["train"][3] != native["train"][1]  # the runs trained (a frozen model would also agree)
+
+
 def test_zero_checkpoint_resumes_within_engine(ds):
     from pretrain.checkpoint.store import read_trainer_state
     resumed, straight = metrics(ds / "zero2_resumed"), metrics(ds / "zero2")

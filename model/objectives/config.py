@@ -26,10 +26,16 @@ class DiffusionConfig:
     uniform_frac: float = 0.5  # hybrid: GIDD's p_u, the uniform share of the noise at alpha = 1/2 (0: mdm, 1: uniform)
     hybrid_weighting: Literal["elbo", "gidd"] = "elbo"  # hybrid: train on the ELBO, or GIDD's clipped loss weights
     beta_is_div: float = 1.0  # hybrid_weighting=gidd: weight of GIDD's IS-divergence term
-    row_chunk: int = 1024  # uniform/hybrid: rows per chunk of the full-vocabulary row loss (0: ce_chunk)
+    row_chunk: int = 256  # uniform/hybrid: rows per chunk of the full-vocabulary row loss (0: ce_chunk)
     noise_removal: Literal["ancestral", "greedy", "none"] = "ancestral"  # uniform/hybrid samplers: the last step
     psi_kappa: float = 1.0  # uniform/hybrid sampler "psi": kappa of the Psi step (1: ancestral)
     self_correct_steps: int = 0  # uniform/hybrid samplers: GIDD self-correction rounds after denoising
+    # objective=uniform: DUO's Gaussian-latent curriculum (model/objectives/uniform.py; docs/objectives.md)
+    curriculum_steps: int = 0  # train steps (step < this) on soft inputs from a Gaussian latent; 0: off
+    curriculum_log10_tau: float = -3.0  # log10 of the tempered softmax's temperature (DUO's scripts: -3)
+    curriculum_gamma_min: float = -3.55  # the latent's log noise-to-signal range, linear in t (DUO OWT: -3.55,
+    curriculum_gamma_max: float = -1.85  # -1.85; LM1B: -3.5, -1.75)
+    curriculum_top_k: int = 0  # keep the k largest latent entries per position (0: the full (B, L, V) softmax)
     # objective=block (BD3-LM, model/objectives/block.py)
     block_size: int = 0  # tokens per block; must divide data.seq_len (1: AR, seq_len: masked diffusion)
     block_t_min: float = 0.0  # training noise interval [t_min, t_max] (BD3-LM's clipping); 0: diffusion.eps

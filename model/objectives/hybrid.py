@@ -94,6 +94,7 @@ class HybridDiffusion(UniformDiffusion):
     head_has_mask = False
     eval_methods = ("t", "mdlm")
     summary = "GIDD: masks mixed with uniform tokens (uniform_frac); KL + IS ELBO at every position"
+    row_loss_bytes = 30  # launch.plan: its autograd graph (benchmarks/row_loss_bytes.py: 12 + 12), not uniform's fused 16
 
     def __init__(self, dcfg, *, mask_id=None, vocab_size=None):
         super().__init__(dcfg, mask_id=mask_id, vocab_size=vocab_size)

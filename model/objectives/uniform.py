@@ -26,11 +26,18 @@ and the TP vocabulary split are unchanged) and the mask id's logit is set to -in
 which is exactly a head over the N real tokens.
 
 The loss needs the full-vocabulary softmax at every position, so it runs through the model's chunked
-all-position loss (`row_loss=`, `ce_chunk` rows of logits at a time, recomputed in backward): the (B L, V)
-logits never exist whole.
+all-position loss (`row_loss=`, `diffusion.row_chunk` rows of logits at a time, recomputed in backward): the
+(B L, V) logits never exist whole, and the closed form's gradient is written out (`_DuoNLL`), so a chunk
+holds two (n, V) buffers besides its logits instead of the formula's autograd graph.
+
+DUO's Gaussian-latent curriculum (`diffusion.curriculum_steps`, off by default) trains the first steps on soft
+inputs from a Gaussian latent whose argmax is uniform-state noise (the duality; `duality_table`, computed
+with scipy); see `curriculum_noise` and docs/objectives.md.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import math
 from typing import Optional
@@ -48,6 +55,7 @@ from .schedules import Schedule, get_schedule
 ALPHA_FLOOR = 1e-6
 _TAG_TOK, _TAG_KIND, _TAG_EVAL_T, _TAG_EVAL_POS, _TAG_EVAL_TOK, _TAG_EVAL_KIND = 11, 12, 13, 14, 15, 16
 _TAG_EVAL_GROUP = 17
+_TAG_LATENT = 18
 
 
 def alpha_and_rate(schedule: Schedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,28 +71,91 @@ def duo_nll(logits: torch.Tensor, z: torch.Tensor, x: torch.Tensor, alpha: torch
             *, mask_id: Optional[int]) -> torch.Tensor:
     """(n,) UDLM's per-token NELBO integrand in DUO's closed form (module docstring), for logits (n, V) at
     noised tokens z (n,) with clean tokens x (n,), alpha and alpha' (n,). Computed in the logits' dtype
-    (float32 in training, float64 in the exactness tests)."""
-    V = logits.shape[-1]
-    has_mask = mask_id is not None and 0 <= mask_id < V
-    N = V - int(has_mask)
-    logp = real_log_probs(logits, mask_id)
-    a, da = alpha.to(logp.dtype)[:, None], dalpha.to(logp.dtype)
-    xbar_theta = N * a * logp.exp() + (1.0 - a)  # (n, V); the mask column is 1 - alpha (x_theta = 0 there)
-    log_xbar = xbar_theta.log()
-    S = log_xbar.sum(-1) - (log_xbar[:, mask_id] if has_mask else 0.0)  # over the real tokens only
-    a = a[:, 0]
-    lz = log_xbar.gather(-1, z[:, None])[:, 0]
-    lx = log_xbar.gather(-1, x[:, None])[:, 0]
-    same = z == x
-    xbar_z = (1.0 - a) + N * a * same.to(a.dtype)
-    term1 = N * (1.0 / xbar_z - 1.0 / lz.exp())
-    c = (1.0 - a) / (N * a + 1.0 - a)
-    log_c = c.log()
-    inner = S - N * lz
-    t2_same = -c * inner + (N - 1) * c * log_c
-    t2_diff = -inner - N * a / (1.0 - a) * (lx - lz) - log_c / c
-    term2 = torch.where(same, t2_same, t2_diff)
-    return da / (N * a) * (term1 - term2)
+    (float32 in training, float64 in the exactness tests); differentiable in the logits only (alpha and
+    alpha' are constants of the noise), by the analytic gradient of `_DuoNLL`."""
+    if alpha.requires_grad or dalpha.requires_grad:
+        raise ValueError("duo_nll differentiates the logits only; alpha and alpha' must not require grad")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return _DuoNLL.apply(logits, z, x, alpha, dalpha, mask_id)
+
+
+def _real_xbar(logits: torch.Tensor, a: torch.Tensor, N: int, mask_id: Optional[int]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, V) x_theta over the real tokens (softmax with the mask column at 0), one fresh buffer, and in a
+    second buffer xbar_theta = N alpha x_theta + (1 - alpha); both in place so a chunk holds two (n, V)
+    tensors besides its logits (the autograd graph of the same formula keeps about eight)."""
+    p = logits.clone()
+    if mask_id is not None:
+        p[:, mask_id] = float("-inf")
+    lse = torch.logsumexp(p, -1, keepdim=True)
+    p.sub_(lse).exp_()
+    xbar = torch.addcmul((1.0 - a)[:, None], p, (N * a)[:, None])
+    return p, xbar
+
+
+class _DuoNLL(torch.autograd.Function):
+    """DUO's closed form with its gradient written out, so neither pass keeps the formula's temporaries.
+
+    With lb = log xbar_theta, l = k (term1 - term2), k = alpha' / (N alpha):
+      dl/dlb_j  = k w0 (every real j) + a correction at z (and at x when z != x),
+                  w0 = c, correction at z = -c N                     (z = x)
+                  w0 = 1, correction at z = -(N + K), at x = +K      (z != x, K = N alpha / (1 - alpha))
+      dl/dxbar_j = dl/dlb_j / xbar_j + [j = z] k N / xbar_z^2          (term1)
+      dl/dlogit_j = N alpha x_theta_j (G_j - sum_i G_i x_theta_i),  G = dl/dxbar
+    (the mask column has x_theta = 0, so its gradient is 0). tests/test_obj_uniform.py checks it against
+    finite differences in float64."""
+
+    @staticmethod
+    def forward(ctx, logits, z, x, alpha, dalpha, mask_id):
+        V = logits.shape[-1]
+        mid = mask_id if mask_id is not None and 0 <= mask_id < V else None
+        N = V - int(mid is not None)
+        a, da = alpha.to(logits.dtype), dalpha.to(logits.dtype)
+        p, xbar = _real_xbar(logits, a, N, mid)
+        lz = xbar.gather(-1, z[:, None])[:, 0].log()
+        lx = xbar.gather(-1, x[:, None])[:, 0].log()
+        del p
+        log_xbar = xbar.log_()
+        S = log_xbar.sum(-1) - (log_xbar[:, mid] if mid is not None else 0.0)  # over the real tokens only
+        del xbar, log_xbar
+        same = z == x
+        xbar_z = (1.0 - a) + N * a * same.to(a.dtype)
+        term1 = N * (1.0 / xbar_z - 1.0 / lz.exp())
+        c = (1.0 - a) / (N * a + 1.0 - a)
+        log_c = c.log()
+        inner = S - N * lz
+        t2_same = -c * inner + (N - 1) * c * log_c
+        t2_diff = -inner - N * a / (1.0 - a) * (lx - lz) - log_c / c
+        term2 = torch.where(same, t2_same, t2_diff)
+        ctx.save_for_backward(logits, z, x, a, da)
+        ctx.mask_id, ctx.N = mid, N
+        return da / (N * a) * (term1 - term2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, z, x, a, da = ctx.saved_tensors
+        N, mid = ctx.N, ctx.mask_id
+        p, xbar = _real_xbar(logits, a, N, mid)
+        same = z == x
+        k = grad * da / (N * a)  # the upstream gradient folded into the row's coefficient
+        c = (1.0 - a) / (N * a + 1.0 - a)
+        K = N * a / (1.0 - a)
+        w0 = torch.where(same, c, torch.ones_like(c))
+        xz = xbar.gather(-1, z[:, None])[:, 0]
+        xx = xbar.gather(-1, x[:, None])[:, 0]
+        pz = p.gather(-1, z[:, None])[:, 0]
+        px = p.gather(-1, x[:, None])[:, 0]
+        # sparse parts of G at z and (z != x) at x
+        gz = k * (torch.where(same, -c * N, -(N + K)) / xz + N / (xz * xz))
+        gx = torch.where(same, torch.zeros_like(k), k * K / xx)
+        r = xbar.reciprocal_().mul_(p)  # x_theta_j / xbar_j (0 at the mask column)
+        M = k * w0 * r.sum(-1) + gz * pz + gx * px  # sum_i G_i x_theta_i
+        Na = N * a
+        g = r.mul_((Na * k * w0)[:, None]).sub_(p.mul_((Na * M)[:, None]))
+        g.scatter_add_(-1, z[:, None], (Na * pz * gz)[:, None])
+        g.scatter_add_(-1, x[:, None], (Na * px * gx)[:, None])
+        return g, None, None, None, None, None
 
 
 def prior_kl(alpha1: float, n_real: int) -> float:
@@ -109,6 +180,138 @@ def uniform_posterior(p_x0: torch.Tensor, z_t: torch.Tensor, a_t: float, a_s: fl
         num[:, mask_id] = 0.0
     den = N * a_t * p.gather(-1, z_t[:, None]) + (1 - a_t)
     return num / den
+
+
+# ------------------------------------------------------------------ DUO's Gaussian-latent curriculum
+@functools.lru_cache(maxsize=8)
+def duality_table(n_real: int, gamma_min: float, gamma_max: float, points: int = 4097):
+    """DUO's diffusion duality as a table over gamma in [gamma_min, gamma_max] (float64 numpy arrays
+    (gamma, alpha, d alpha / d gamma)). The Gaussian latent w = alpha~ e_x + sigma~ eps over the N real tokens,
+    alpha~^2 = sigmoid(-gamma), sigma~^2 = sigmoid(gamma), has argmax(w) distributed exactly as a uniform-state
+    token with
+
+        P(argmax w = x) = I(m) = integral phi(u - m) Phi(u)^(N-1) du,   m = alpha~ / sigma~ = exp(-gamma / 2),
+        alpha = (N I - 1) / (N - 1),   d alpha / d gamma = N / (N - 1) (-m / 2) integral (u - m) phi(u - m) Phi(u)^(N-1) du
+
+    (DUO's `_gamma_to_alphat_integral`, whose derivative is a finite difference; here both integrals are
+    computed by scipy's adaptive quadrature, vectorised over the grid, once per process and (N, range)
+    instead of loaded from a shipped pickle). Between grid points `duality_alpha` interpolates linearly:
+    with 4097 points over DUO's ranges the interpolation error is below 1e-7."""
+    from scipy import integrate, special
+    if n_real < 2:
+        raise ValueError(f"the curriculum needs at least 2 real tokens (got {n_real})")
+    gam = np.linspace(gamma_min, gamma_max, points)
+    m = np.exp(-gam / 2.0)
+
+    def integrands(u):
+        w = np.exp(-0.5 * (u - m) ** 2 + (n_real - 1) * special.log_ndtr(u)) / math.sqrt(2.0 * math.pi)
+        return np.concatenate([w, (u - m) * w])
+    # phi(u - m) is below e^-72 more than 12 from m: the tails outside carry nothing at float64
+    res, _ = integrate.quad_vec(integrands, float(m.min()) - 12.0, float(m.max()) + 12.0, epsabs=1e-14,
+                                epsrel=1e-12, norm="max", limit=2000)
+    prob, dprob_dm = res[:points], res[points:]
+    N = n_real
+    alpha = (N * prob - 1.0) / (N - 1.0)
+    dalpha = N / (N - 1.0) * dprob_dm * (-m / 2.0)
+    return gam, alpha, dalpha
+
+
+def duality_alpha(gamma: torch.Tensor, n_real: int, gamma_min: float, gamma_max: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, d alpha / d gamma) float64 at gamma (any shape) from `duality_table`, linearly interpolated;
+    gamma outside the table's range is an error (DUO clips it with a printed warning)."""
+    gam, alpha, dalpha = duality_table(n_real, float(gamma_min), float(gamma_max))
+    g = gamma.double()
+    if bool((g < gamma_min - 1e-9).any()) or bool((g > gamma_max + 1e-9).any()):
+        raise ValueError(f"gamma outside the duality table's range [{gamma_min}, {gamma_max}]")
+    pos = (g - gamma_min) / (gamma_max - gamma_min) * (len(gam) - 1)
+    i0 = pos.floor().long().clamp(0, len(gam) - 2)
+    f = pos - i0
+    a_t, d_t = torch.from_numpy(alpha), torch.from_numpy(dalpha)
+    return a_t[i0] * (1 - f) + a_t[i0 + 1] * f, d_t[i0] * (1 - f) + d_t[i0 + 1] * f
+
+
+def latent_scales(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha~ = sqrt(sigmoid(-gamma)) and sigma~ = sqrt(sigmoid(gamma)) (DUO's `_q_xt_gaussian`)."""
+    g = gamma.double()
+    return torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
+
+
+def real_index(x: torch.Tensor, mask_id: Optional[int]) -> torch.Tensor:
+    """Token ids -> their index r in [0, N) among the real tokens (the inverse of common.real_ids)."""
+    return x if mask_id is None else x - (x > mask_id).to(x.dtype)
+
+
+def gaussian_latent(x: torch.Tensor, a_tilde: float, s_tilde: float, n_real: int, mask_id: Optional[int],
+                    gen: torch.Generator) -> torch.Tensor:
+    """(L, V) float64: the whole latent alpha~ e_x + sigma~ eps of a row x (L,), eps ~ N(0, I_N) over the real
+    tokens, -inf at the mask id (never the argmax, zero weight in any softmax; mask_id: the mask's id when it
+    is inside the vocabulary, else None)."""
+    L = x.numel()
+    w = s_tilde * torch.randn(L, n_real, generator=gen, dtype=torch.float64)
+    w[torch.arange(L), real_index(x, mask_id)] += a_tilde
+    if mask_id is None:
+        return w
+    return torch.cat([w[:, :mask_id], torch.full((L, 1), float("-inf"), dtype=w.dtype), w[:, mask_id:]], 1)
+
+
+def distinct_draws(L: int, k: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """(L, k) long: per row, k distinct integers of [0, n), a uniformly random ordered k-subset (Floyd's
+    algorithm gives a uniform subset, whose slot order is not uniform: a random permutation of the k slots
+    follows). O(L k^2), never O(L n)."""
+    out = torch.empty(L, k, dtype=torch.long)
+    for slot, i in enumerate(range(n - k, n)):
+        j = (torch.rand(L, generator=gen, dtype=torch.float64) * (i + 1)).long().clamp_(max=i)
+        if slot:
+            j = torch.where((out[:, :slot] == j[:, None]).any(1), torch.full_like(j, i), j)
+        out[:, slot] = j
+    return out.gather(1, torch.rand(L, k, generator=gen).argsort(1))
+
+
+def latent_top_k(x: torch.Tensor, a_tilde: float, s_tilde: float, k: int, n_real: int, mask_id: Optional[int],
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of a row's Gaussian latent (`gaussian_latent`) without drawing the other N - k:
+    (ids (L, k') long, values (L, k') float64), descending, k' = min(k, N).
+
+    The N - 1 noise entries are i.i.d. N(0, sigma~^2): their largest values are drawn directly as order
+    statistics (the j-th largest of n uniforms is prod_{i <= j} U_i^(1 / (n - i + 1)), mapped through the
+    normal quantile), and placed at a uniformly random ordered subset of the other tokens (exchangeability).
+    The clean entry alpha~ + sigma~ eps_x joins them, and the k largest of the k + 1 are kept. (DUO's
+    `sample_tempered_softmax_topk` draws the same order statistics, but names the argmax x whenever x is among
+    the k largest, which is wrong for k > 1, and places them by Floyd's slot order; neither is copied.)"""
+    L, n = x.numel(), n_real - 1
+    kk = min(k, n)
+    log_u = torch.rand(L, kk, generator=gen, dtype=torch.float64).log_()
+    log_u = (log_u / torch.arange(n, n - kk, -1, dtype=torch.float64)).cumsum(1)  # log of the j-th largest
+    vals = -s_tilde * torch.special.ndtri(-torch.expm1(log_u))  # Phi^-1(u) = -Phi^-1(1 - u), exact near u = 1
+    xr = real_index(x, mask_id)
+    r = distinct_draws(L, kk, n, gen)
+    ids = real_ids(r + (r >= xr[:, None]).long(), mask_id)  # the other tokens: skip x's index
+    clean = a_tilde + s_tilde * torch.randn(L, 1, generator=gen, dtype=torch.float64)
+    vals, ids = torch.cat([vals, clean], 1), torch.cat([ids, x[:, None]], 1)
+    order = vals.argsort(1, descending=True)[:, :min(k, n_real)]
+    return ids.gather(1, order), vals.gather(1, order)
+
+
+def tempered_weights(values: torch.Tensor, tau: float) -> torch.Tensor:
+    """softmax(values / tau) over the last axis, in float64 (tau = 1e-3 puts e^-1000-scale ratios in play),
+    renormalised over whatever entries are kept: with every entry kept this is DUO's full tempered softmax;
+    with the top k, the dropped tail (each at most e^{-(w_(k) - w_(k+1)) / tau} of the kept) is left out
+    rather than estimated (DUO's efficient variant adds an estimate to the denominator only)."""
+    return torch.softmax(values.double() / tau, dim=-1)
+
+
+def schedule_time(schedule: Schedule, alpha: torch.Tensor, iters: int = 60) -> torch.Tensor:
+    """t in [0, 1] with schedule.alpha(t) = alpha (bisection; alpha decreases in t), so the network is
+    conditioned on the same t for the same alpha inside and outside the curriculum (DUO conditions on
+    -log alpha)."""
+    a = alpha.double()
+    lo, hi = torch.zeros_like(a), torch.ones_like(a)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        above = schedule.alpha(mid) > a
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return 0.5 * (lo + hi)
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -136,7 +339,9 @@ class UniformDiffusion(RealVocab, Objective):
     logits_at = "all"
     eval_methods = ("t", "mdlm")
     summary = "uniform noise; DUO's closed-form NELBO at every position; time-conditioned"
-    row_loss_bytes = 30  # launch.plan: bytes per vocabulary entry of a chunk of the row loss (its temporaries)
+    # launch.plan: bytes per vocabulary entry of a row-loss chunk: the fused loss saves nothing for backward
+    # (benchmarks/row_loss_bytes.py: 0 + 12), and its backward holds one more (n, V) buffer than that counts
+    row_loss_bytes = 16
 
     def __init__(self, dcfg, *, mask_id=None, vocab_size=None):
         super().__init__(dcfg, mask_id=mask_id, vocab_size=vocab_size)
@@ -147,10 +352,28 @@ class UniformDiffusion(RealVocab, Objective):
             raise ValueError(f"diffusion.psi_kappa={dcfg.psi_kappa} must be in [0, 1] (1: the ancestral step)")
         if int(getattr(dcfg, "self_correct_steps", 0)) < 0:
             raise ValueError(f"diffusion.self_correct_steps={dcfg.self_correct_steps} must be >= 0")
+        self.curriculum_steps = int(getattr(dcfg, "curriculum_steps", 0))
+        self.curriculum_top_k = int(getattr(dcfg, "curriculum_top_k", 0))
+        self.tau = 10.0 ** float(getattr(dcfg, "curriculum_log10_tau", -3.0))
+        self.gamma_range = (float(getattr(dcfg, "curriculum_gamma_min", -3.55)),
+                            float(getattr(dcfg, "curriculum_gamma_max", -1.85)))
+        if self.curriculum_steps < 0 or self.curriculum_top_k < 0:
+            raise ValueError(f"diffusion.curriculum_steps={self.curriculum_steps} and diffusion.curriculum_top_k="
+                             f"{self.curriculum_top_k} must be >= 0 (0: no curriculum / the full softmax)")
+        if self.curriculum_steps and self.name != "uniform":
+            raise ValueError(f"diffusion.curriculum_steps is DUO's curriculum for objective=uniform; "
+                             f"objective={self.name} has none: set diffusion.curriculum_steps=0")
+        if self.curriculum_steps and not self.gamma_range[0] < self.gamma_range[1]:
+            raise ValueError(f"diffusion.curriculum_gamma_min={self.gamma_range[0]} must be below "
+                             f"diffusion.curriculum_gamma_max={self.gamma_range[1]}")
+        if self.curriculum_steps and not 0.0 < self.tau < math.inf:
+            raise ValueError(f"diffusion.curriculum_log10_tau={dcfg.curriculum_log10_tau} gives no usable "
+                             f"temperature; DUO uses -3")
 
     def chunk(self, ce_chunk: int) -> int:
-        """Rows of full-vocabulary logits per chunk: diffusion.row_chunk (its temporaries take about 3x the
-        bytes per entry of a cross-entropy chunk), or ce_chunk when row_chunk is 0."""
+        """Rows of full-vocabulary logits per chunk: diffusion.row_chunk (256: the loss runs at every position,
+        about twice the rows of masked diffusion's cross-entropy, so its chunks are smaller; the matmul stays
+        efficient at 256 rows), or ce_chunk when row_chunk is 0."""
         rc = int(getattr(self.cfg, "row_chunk", 0))
         return min(rc, ce_chunk) if rc > 0 and ce_chunk > 0 else (rc or ce_chunk)
 
@@ -165,9 +388,59 @@ class UniformDiffusion(RealVocab, Objective):
     # -- noising and the loss
     def draw(self, seed, step, global_batch, seq_len, *, stratified=True, random_length_prob=0.0) -> StepNoise:
         """The masked-diffusion draw (t, a uniform per position: replaced or not) plus, per position, a
-        uniform that names the replacement token; a pure function of (seed, step)."""
-        return add_token_draw(draw_step_noise(seed, step, global_batch, seq_len, stratified=stratified,
-                                              random_length_prob=random_length_prob), seed, step, _TAG_TOK)
+        uniform that names the replacement token; a pure function of (seed, step). While DUO's curriculum is
+        on (step < diffusion.curriculum_steps), also extra["latent_seed"]: one seed per row of the global
+        batch for its Gaussian latent (drawn in `noise`, per row, so every layout draws the same latents)."""
+        noise = add_token_draw(draw_step_noise(seed, step, global_batch, seq_len, stratified=stratified,
+                                               random_length_prob=random_length_prob), seed, step, _TAG_TOK)
+        if step < self.curriculum_steps:
+            noise.extra["latent_seed"] = torch.randint(0, 2**62, (global_batch,),
+                                                       generator=eval_generator(seed, _TAG_LATENT, step))
+        return noise
+
+    def for_validation(self) -> "Objective":
+        """Without the curriculum: validation logs the uniform NELBO on discrete inputs, never the surrogate."""
+        if not self.curriculum_steps:
+            return self
+        plain = copy.copy(self)
+        plain.curriculum_steps = 0
+        return plain
+
+    def curriculum_noise(self, x0, noise: StepNoise, doc_ids=None) -> Noised:
+        """DUO's curriculum step (`DUO.nll`, mode simple, or top-k): gamma linear in t over the configured
+        range, per row the Gaussian latent, the network's input the tempered softmax of the latent (over every
+        token, (B, L, V) floats, or over its k largest entries: ids and weights, `curriculum_top_k`), the
+        noised tokens z = argmax of the latent, exactly uniform-state noise at alpha = duality_alpha(gamma)
+        (the loss's alpha, and alpha' = d alpha / d gamma (gamma_max - gamma_min)). The network is conditioned
+        on the t whose schedule alpha is that alpha."""
+        g0, g1 = self.gamma_range
+        t = noise_level(noise.u, self.eps).double()
+        gamma = g0 + t * (g1 - g0)
+        a, da_dgamma = duality_alpha(gamma, self.n_real, g0, g1)
+        a_tilde, s_tilde = latent_scales(gamma)
+        mid = self.mask_id if self.mask_id is not None and 0 <= self.mask_id < self.vocab_size else None
+        B, L = x0.shape
+        zs, soft = [], []
+        for b in range(B):
+            gen = torch.Generator().manual_seed(int(noise.extra["latent_seed"][b]))
+            if self.curriculum_top_k:
+                ids, vals = latent_top_k(x0[b].cpu(), float(a_tilde[b]), float(s_tilde[b]), self.curriculum_top_k,
+                                         self.n_real, mid, gen)
+                zs.append(ids[:, 0])
+                soft.append((ids, tempered_weights(vals, self.tau).float()))
+            else:
+                w = gaussian_latent(x0[b].cpu(), float(a_tilde[b]), float(s_tilde[b]), self.n_real, mid, gen)
+                zs.append(w.argmax(-1))
+                soft.append(tempered_weights(w, self.tau).float())
+        xt = torch.stack(zs).to(x0.device)
+        extra = {"alpha": a.float().clamp(min=ALPHA_FLOOR), "dalpha": (da_dgamma * (g1 - g0)).float()}
+        if self.curriculum_top_k:
+            extra["soft_ids"] = torch.stack([s[0] for s in soft])
+            extra["soft_weights"] = torch.stack([s[1] for s in soft])
+        else:
+            extra["soft_dense"] = torch.stack(soft)
+        t_cond = schedule_time(self.schedule, a).float()
+        return Noised(x0=x0, xt=xt, t=t_cond, at=None, doc_ids=doc_ids, extra=extra)
 
     def replaced(self, x0, t, mask_uniform, tok_u) -> torch.Tensor:
         a, _ = self.alpha(t)
@@ -175,14 +448,17 @@ class UniformDiffusion(RealVocab, Objective):
                        n_real=self.n_real)
 
     def noise(self, x0, noise: StepNoise, doc_ids=None) -> Noised:
+        if "latent_seed" in noise.extra:
+            return self.curriculum_noise(x0, noise, doc_ids)
         t = noise_level(noise.u, self.eps)
         xt = self.replaced(x0, t, noise.mask_uniform, noise.extra["tok_u"])
         return Noised(x0=x0, xt=xt, t=t, at=None, doc_ids=doc_ids)
 
     def row_loss(self, batch: Noised, t: torch.Tensor):
-        """The per-row loss over every position (row-major), for the model's chunked all-position loss."""
+        """The per-row loss over every position (row-major), for the model's chunked all-position loss (at
+        the curriculum's alpha when the batch carries one)."""
         B, L = batch.xt.shape
-        a, da = self.alpha(t.float())
+        a, da = (batch.extra["alpha"], batch.extra["dalpha"]) if "alpha" in batch.extra else self.alpha(t.float())
         a_rows, da_rows = a.repeat_interleave(L), da.repeat_interleave(L)
         z, x = batch.xt.reshape(-1), batch.x0.reshape(-1)
 
@@ -199,9 +475,17 @@ class UniformDiffusion(RealVocab, Objective):
         return self.token_loss(logits, z, x, a, da)
 
     def loss(self, model, batch: Noised, *, ce_chunk: int = 0):
+        """The mean per-token loss over every position. With DUO's curriculum the network reads the soft
+        input and the loss is DUO's curriculum loss (the closed form at the latent's argmax and the duality's
+        alpha, over the gamma range only): a training surrogate; validation runs `for_validation()`."""
         B, L = batch.x0.shape
+        soft = {}
+        if "soft_dense" in batch.extra:
+            soft = {"soft_input": batch.extra["soft_dense"]}
+        elif "soft_ids" in batch.extra:
+            soft = {"soft_input": (batch.extra["soft_ids"], batch.extra["soft_weights"])}
         per = model(batch.xt, doc_ids=batch.doc_ids, t=batch.t, row_loss=self.row_loss(batch, batch.t),
-                    ce_chunk=self.chunk(ce_chunk))
+                    ce_chunk=self.chunk(ce_chunk), **soft)
         loss = per.sum() / (B * L)
         return loss, {"noised_frac": (batch.xt != batch.x0).float().mean().detach(),
                       "prior": torch.tensor(self.prior_nats())}
