@@ -29,6 +29,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -131,6 +132,11 @@ _ENCODER: Optional[DocumentEncoder] = None
 def _worker_init(tok_json: str, eos_id: Optional[int]) -> None:
     # One process, one thread: the workers are the parallelism (tokenizers' own thread pool would oversubscribe).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Forked workers inherit the parent's Python signal handlers (a training run's preemption handler, say),
+    # which would turn the pool's terminate() into a flag and hang it: workers die on SIGTERM/SIGINT.
+    for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+        if s is not None:
+            signal.signal(s, signal.SIG_DFL)
     global _ENCODER
     _ENCODER = DocumentEncoder(tok_json, eos_id)
 

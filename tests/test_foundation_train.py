@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from data.synthetic import MarkovLanguage
@@ -136,3 +137,26 @@ def test_ar_is_compared_with_the_entropy_rate_it_bounds():
     seqs = lang.sample(np.random.default_rng(0).random((4000, cfg.data.seq_len)))
     nll = -np.log(lang.P[seqs[:, :-1], seqs[:, 1:]]).mean(1)
     assert abs(nll.mean() - true_entropy(data, ar)) < 4 * nll.std() / math.sqrt(len(nll))
+
+
+def test_a_run_that_raises_restores_the_signal_handlers_and_the_garbage_collector(tmp_path, monkeypatch):
+    """train() installs SIGTERM/SIGUSR1 handlers (preemption) and turns automatic GC off; an exception in the
+    loop must undo both, or a later fork in the same process (a data-preparation pool) inherits a handler that
+    turns the pool's terminate() into a flag and hangs."""
+    import gc
+    import signal
+
+    import pretrain.loop.train as loop
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def boom(*args, **kwargs):
+        assert signal.getsignal(signal.SIGTERM) is not before  # the handler is in place while the loop runs
+        raise RuntimeError("boom")
+    monkeypatch.setattr(loop, "train_step", boom)
+    cfg = load_config("configs/tiny.yaml", [f"train.out_dir={tmp_path}", "train.samples=0", "logging.plot=false",
+                                            "logging.progress_bar=false", "train.gc_every=5",
+                                            "train.peak_flops=1e11"])
+    with pytest.raises(RuntimeError, match="boom"):
+        loop.train(cfg)
+    assert signal.getsignal(signal.SIGTERM) is before and gc.isenabled()

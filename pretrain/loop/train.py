@@ -48,49 +48,51 @@ def train(cfg: Config) -> dict:
     val_loss, preempted, ran = float("nan"), False, 0
     collector = Collector(cfg.train.gc_every)
     check_every = cfg.train.preempt_check_every or (10 if run.device.type == "cuda" else 1)
-    run.model.train()
-    while run.step < cfg.train.steps:
-        lr = lr_for(run.step, cfg.optim, cfg.train.steps, run.lr_anchor)
-        run.engine.set_lr(lr)
-        result = train_step(run.engine, cfg, run.loader, step=run.step, consumed=run.consumed, micro=run.micro,
-                            accum=run.accum, dims=run.dims, device=run.device, objective=run.objective,
-                            precision=run.precision, guard=run.guard, ema=getattr(run.engine, "ema", None))
-        run.step += 1
-        ran += 1
-        if ran == 1:  # start-up (compilation, loading) is over: a hung collective now fails within minutes
-            lower_timeouts(cfg.parallel.step_timeout_s, run.mesh)
-        collector.step(run.step)
-        if result.skipped:  # no update anywhere: weights, optimizer state (and EMA) are as after step - 1
-            report_skip(run, result, write)
-        run.consumed += cfg.train.global_batch_size
-        window.tokens += cfg.train.global_batch_size * result.length
-        if bar is not None:
-            bar.update(1)
+    try:  # an exception must not leave the signal handlers (or GC off) in the caller's process
+        run.model.train()
+        while run.step < cfg.train.steps:
+            lr = lr_for(run.step, cfg.optim, cfg.train.steps, run.lr_anchor)
+            run.engine.set_lr(lr)
+            result = train_step(run.engine, cfg, run.loader, step=run.step, consumed=run.consumed, micro=run.micro,
+                                accum=run.accum, dims=run.dims, device=run.device, objective=run.objective,
+                                precision=run.precision, guard=run.guard, ema=getattr(run.engine, "ema", None))
+            run.step += 1
+            ran += 1
+            if ran == 1:  # start-up (compilation, loading) is over: a hung collective now fails within minutes
+                lower_timeouts(cfg.parallel.step_timeout_s, run.mesh)
+            collector.step(run.step)
+            if result.skipped:  # no update anywhere: weights, optimizer state (and EMA) are as after step - 1
+                report_skip(run, result, write)
+            run.consumed += cfg.train.global_batch_size
+            window.tokens += cfg.train.global_batch_size * result.length
+            if bar is not None:
+                bar.update(1)
 
-        if due(run.step, cfg.train.log_every, cfg.train.steps):
-            log_step(run, result, lr, window, write)
-        # Pending signals are agreed on every check_every steps and always before an evaluation (which a stopping
-        # run skips) or a save: every rank counts the same steps, so all of them take part.
-        if run.step % check_every == 0 or any(due(run.step, every, cfg.train.steps) for every in
-                                               (cfg.train.eval_every, cfg.train.save_every)):
-            preempted = preemption.requested(run.save_estimate)
-        if due(run.step, cfg.train.eval_every, cfg.train.steps) and not preempted:
-            val_loss = validate(run, write)
-            window.restart()
-        stop_now = bool(cfg.train.stop_after and ran >= cfg.train.stop_after) or preempted
-        save_now = due(run.step, cfg.train.save_every, cfg.train.steps) or stop_now
-        if save_now and preempted and not preemption.should_save():
-            save_now = False  # SIGTERM: a save would not finish before SIGKILL; the previous checkpoint stays latest
-        if save_now:
-            save_checkpoint(run, blocking=stop_now, write=write)
-            window.restart()
-        if preempted:
-            leave_for_requeue(run, preemption, saved=save_now, write=write)
-        if stop_now:
-            break
-    run.engine.wait()
-    preemption.restore()
-    collector.close()
+            if due(run.step, cfg.train.log_every, cfg.train.steps):
+                log_step(run, result, lr, window, write)
+            # Pending signals are agreed on every check_every steps and always before an evaluation (which a stopping
+            # run skips) or a save: every rank counts the same steps, so all of them take part.
+            if run.step % check_every == 0 or any(due(run.step, every, cfg.train.steps) for every in
+                                                   (cfg.train.eval_every, cfg.train.save_every)):
+                preempted = preemption.requested(run.save_estimate)
+            if due(run.step, cfg.train.eval_every, cfg.train.steps) and not preempted:
+                val_loss = validate(run, write)
+                window.restart()
+            stop_now = bool(cfg.train.stop_after and ran >= cfg.train.stop_after) or preempted
+            save_now = due(run.step, cfg.train.save_every, cfg.train.steps) or stop_now
+            if save_now and preempted and not preemption.should_save():
+                save_now = False  # SIGTERM: a save would not end before SIGKILL; the previous checkpoint stays latest
+            if save_now:
+                save_checkpoint(run, blocking=stop_now, write=write)
+                window.restart()
+            if preempted:
+                leave_for_requeue(run, preemption, saved=save_now, write=write)
+            if stop_now:
+                break
+        run.engine.wait()
+    finally:
+        preemption.restore()
+        collector.close()
     if bar is not None:
         bar.close()
     return finish(run, val_loss, preempted)
