@@ -150,8 +150,8 @@ def block_generate(model, ids, real, *, objective, mask_id: int, gen_length: int
             # Logits only at the masked columns, row-major: the same order as is_mask's (rows without masks
             # contribute nothing to either).
             lg = (run_cached if kv_cache else run_full)(rows, a, e, off, is_mask[rows]).float()
-            if eos_id is not None and a - P < min_new_tokens:  # ban_eos, on the masked columns only
-                lg[a - P + is_mask.nonzero()[:, 1] < min_new_tokens, eos_id] = float("-inf")
+            if eos_id is not None and a - P < min_new_tokens:  # on the masked columns only
+                ban_eos(lg, eos_id, a - P, min_new_tokens, cols=is_mask.nonzero()[:, 1])
             if mask_id < lg.shape[-1]:
                 lg[:, mask_id] = float("-inf")  # never propose the mask itself (MDLM's SUBS)
             u = noise.masked(is_mask, lg.shape[-1]) if temperature > 0 else None

@@ -90,9 +90,14 @@ def forward_logits(model, x: torch.Tensor, real: Optional[torch.Tensor], start: 
     return logits
 
 
-def ban_eos(logits: torch.Tensor, eos_id: Optional[int], first_col: int, min_new_tokens: int) -> None:
-    """Forbid EOS at generated positions < min_new_tokens; logits cover generated columns first_col.. ."""
+def ban_eos(logits: torch.Tensor, eos_id: Optional[int], first_col: int, min_new_tokens: int,
+            cols: Optional[torch.Tensor] = None) -> None:
+    """Forbid EOS at generated positions < min_new_tokens; logits (B, W, V) cover generated columns first_col..,
+    or, with `cols`, logits (N, V) are N scattered columns, row n at generated column first_col + cols[n]."""
     if eos_id is None or min_new_tokens <= 0:
+        return
+    if cols is not None:
+        logits[first_col + cols < min_new_tokens, eos_id] = float("-inf")
         return
     n = min(max(min_new_tokens - first_col, 0), logits.shape[1])
     if n:
