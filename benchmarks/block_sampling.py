@@ -1,7 +1,7 @@
 """Block-diffusion sampling with the exact KV cache of finished blocks against none (model/block_sample.py).
 
     python benchmarks/block_sampling.py [--vocab 65] [--batches 1,8] [--gen-length 256] [--block-size 16]
-        [--steps-per-block 16] [--repeat 3] [--threads 1] [--dim 128 --layers 4 --heads 4 --ffn 512]
+        [--steps-per-block 16] [--repeat 3] [--threads 1] [--dim 128 --layers 4 --heads 4 --ffn 512 | --preset P]
 
 A randomly initialised model of the quickstart shape (d 128, 4 layers; --vocab 4096 for the Shakespeare
 recipe's vocabulary) with model.max_seq_len = the generated length (no sliding window), unconditional,
@@ -40,7 +40,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=512)
+    ap.add_argument("--preset", default="", help="a model preset instead of --dim/--layers/--heads/--ffn/--vocab "
+                    "(bench-25m: the training-step benchmark's shape)")
     args = ap.parse_args()
+    if args.preset:
+        from model import get_preset
+        p = get_preset(args.preset)
+        args.dim, args.layers, args.heads, args.ffn, args.vocab = p.dim, p.n_layers, p.n_heads, p.ffn_dim, p.vocab_size
     if args.gen_length % args.block_size:
         raise SystemExit(f"--gen-length {args.gen_length} must be a multiple of --block-size {args.block_size}")
     torch.set_num_threads(args.threads)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -103,9 +103,10 @@ def resolve_backend(backend: str, device: torch.device, masked: bool, dtype=None
 class AttentionBatch:
     """What every layer's attention needs for one batch (a plain class: FSDP's input cast leaves it alone)."""
 
-    def __init__(self, backend: str, causal: bool, mask=None, block_mask=None, varlen=None):
+    def __init__(self, backend: str, causal: bool, mask=None, block_mask=None, varlen=None, tiles=None):
         self.backend, self.causal = backend, causal
         self.mask, self.block_mask, self.varlen = mask, block_mask, varlen
+        self.tiles = tiles  # SDPA by query tiles over the keys each tile may see (sparse_tiles)
 
     @classmethod
     def build(cls, doc_ids, key_padding, *, causal: bool, backend: str, seq_len: int, device,
@@ -131,10 +132,62 @@ class AttentionBatch:
     def for_dtype(self, dtype) -> "AttentionBatch":
         """This batch with a dense boolean mask made additive in the compute dtype (a caller's prebuilt mask,
         e.g. block diffusion's: the forward calls this once); itself when there is nothing to convert."""
-        if self.mask is None or self.mask.dtype != torch.bool or dtype is None or not dtype.is_floating_point:
+        if dtype is None or not dtype.is_floating_point:
+            return self
+        if self.tiles is not None:
+            if all(t.mask.dtype != torch.bool for t in self.tiles):
+                return self
+            return AttentionBatch(self.backend, self.causal, tiles=[
+                MaskTile(t.start, t.stop, t.keys, additive_mask(t.mask, dtype)) for t in self.tiles])
+        if self.mask is None or self.mask.dtype != torch.bool:
             return self
         return AttentionBatch(self.backend, self.causal, mask=additive_mask(self.mask, dtype),
                               block_mask=self.block_mask, varlen=self.varlen)
+
+
+class MaskTile(NamedTuple):
+    """Query rows start:stop attend the key positions `keys` (ascending; a slice when they are contiguous)
+    under `mask` (B or 1, 1, stop - start, len(keys))."""
+    start: int
+    stop: int
+    keys: Union[slice, torch.Tensor]
+    mask: torch.Tensor
+
+
+def sparse_tiles(mask: torch.Tensor, structure: torch.Tensor, rows: int) -> list:
+    """A dense (B or 1, 1, N, N) boolean mask as query tiles of `rows` rows, each over only the key columns
+    that `structure` (N, N) (a superset of `mask` that depends on no batch: the same tiles every step, so a
+    compiled graph is not re-specialised) allows to some row of the tile. The same attention as the dense
+    mask, row for row (the dropped columns are masked for every row of the tile); on CPU, SDPA over the 2L
+    block-diffusion mask drops ~60% of the score work this way (benchmarks/train_step.py --objective block).
+    A tile whose rows see no key keeps one column, so fully masked rows stay what dense SDPA makes of them."""
+    N = mask.shape[-1]
+    if bool((mask & ~structure).any()):
+        raise ValueError("sparse_tiles: `structure` must allow every pair the mask allows")
+    tiles = []
+    for start in range(0, N, rows):
+        stop = min(N, start + rows)
+        cols = structure[start:stop].any(0).nonzero().flatten()
+        if cols.numel() == 0:
+            cols = torch.tensor([start], device=mask.device)
+        first, last = int(cols[0]), int(cols[-1])
+        keys = slice(first, last + 1) if last - first + 1 == cols.numel() else cols
+        sub = mask[:, :, start:stop]
+        sub = sub[..., keys] if isinstance(keys, slice) else sub.index_select(-1, cols)
+        tiles.append(MaskTile(start, stop, keys, sub))
+    return tiles
+
+
+def _tiled(q, k, v, tiles, gqa: bool):
+    outs = []
+    for t in tiles:
+        if isinstance(t.keys, slice):
+            kk, vv = k[:, :, t.keys], v[:, :, t.keys]
+        else:
+            kk, vv = k.index_select(2, t.keys), v.index_select(2, t.keys)
+        outs.append(F.scaled_dot_product_attention(q[:, :, t.start:t.stop], kk, vv, attn_mask=t.mask,
+                                                   enable_gqa=gqa))
+    return torch.cat(outs, 2)
 
 
 def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
@@ -365,6 +418,8 @@ def attention(q, k, v, *, causal: bool, backend: str = "sdpa", doc_ids=None, key
         return _flash(q, k, v, batch)
     if batch.backend == "flex":
         return _flex(q, k, v, block_mask=batch.block_mask, enable_gqa=gqa)
+    if batch.tiles is not None:
+        return _tiled(q, k, v, batch.tiles, gqa)
     if batch.mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=batch.causal, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, enable_gqa=gqa)

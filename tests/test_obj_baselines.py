@@ -12,7 +12,8 @@ from model.transformer import Transformer
 
 CASES = [("sedd", dict(graph="absorb")), ("sedd", dict(graph="uniform", sedd_noise="geometric")),
          ("d3pm", dict(graph="absorb", d3pm_steps=8)), ("d3pm", dict(graph="uniform", d3pm_steps=8)),
-         ("dfm", dict(source="mask")), ("dfm", dict(source="uniform", kappa_exponent=2.0))]
+         ("dfm", dict(source="mask")), ("dfm", dict(source="mask", dfm_carry_over=True)),
+         ("dfm", dict(source="uniform", kappa_exponent=2.0))]
 VOCAB, MASK = 12, 5
 
 

@@ -157,12 +157,12 @@ def test_block_size_1_is_the_ar_chain_rule():
     torch.testing.assert_close(sums, ref, atol=1e-5, rtol=1e-6)  # fp32 logits
 
 
+@pytest.mark.parametrize("L,bs", [(12, 4), (144, 16)])  # 2L = 288 runs SDPA by query tiles (TILE_ROWS)
 @pytest.mark.parametrize("packed", [False, True])
-def test_vectorised_forward_equals_per_block_forwards(packed):
-    L, bs = 12, 4
-    model = tiny()
+def test_vectorised_forward_equals_per_block_forwards(packed, L, bs):
+    model = tiny(L=L)
     x0 = torch.randint(0, MASK, (2, L))
-    doc = torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [1] * 3]) if packed else None
+    doc = torch.tensor([[0] * 5 + [1] * (L - 5), [0] * (L - 3) + [1] * 3]) if packed else None
     blk = block_obj(bs)
     b = blk.noise(x0, _draw(blk, x0), doc)
     every = torch.ones_like(x0, dtype=torch.bool)
@@ -338,3 +338,36 @@ def test_eval_ppl_bound_at_block_size_1_is_exact():
     with torch.no_grad():
         ref = ar_chain_nll(model, x)
     assert est.nelbo == pytest.approx(float(ref.sum()) / x.numel(), rel=1e-6)
+
+
+def test_sparse_tiles_are_the_dense_mask():
+    """Any mask under a batch-free structure, tile rows not dividing N, a fully masked row, a tile whose keys
+    are not contiguous: attention by tiles equals dense SDPA (whatever its kernel makes of a row that sees
+    nothing) in output and in every input gradient, and each tile keeps only the columns the structure allows
+    it."""
+    from model.attention import attention, sparse_tiles
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D = 2, 3, 37, 8
+    structure = torch.rand(N, N, generator=g) < 0.4
+    structure[:10, 20:] = False  # the first tile sees keys 0..19 at most
+    structure[10:20, 5:15] = False  # the second tile's keys are not contiguous
+    mask = (structure & (torch.rand(B, 1, N, N, generator=g) < 0.7))
+    mask[0, 0, 3] = False  # a row that sees nothing: NaN both ways
+    q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    tiles = sparse_tiles(mask, structure, 10)
+    assert [(t.start, t.stop) for t in tiles] == [(0, 10), (10, 20), (20, 30), (30, 37)]
+    assert isinstance(tiles[1].keys, torch.Tensor)
+    for t in tiles:
+        cols = torch.arange(N)[t.keys]
+        assert torch.equal(torch.zeros(N, dtype=torch.bool).index_fill(0, cols, True), structure[t.start:t.stop].any(0))
+    outs, grads = [], []
+    for batch in (AttentionBatch("sdpa", False, mask=mask).for_dtype(torch.float64),
+                  AttentionBatch("sdpa", False, tiles=tiles).for_dtype(torch.float64)):
+        out = attention(q, k, v, causal=False, batch=batch)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.nan_to_num().pow(2).sum(), (q, k, v)))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-12, rtol=1e-12, equal_nan=True)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12, equal_nan=True)
+    with pytest.raises(ValueError, match="structure"):
+        sparse_tiles(mask | ~structure, structure, 10)

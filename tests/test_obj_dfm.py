@@ -293,3 +293,118 @@ def test_oracle_bound_is_tight_for_the_mask_source_only():
     for source in ("mask", "uniform"):
         rnd = library_expectation(make_net("random", source), ALL_X, source)
         assert float((p * rnd).sum()) > float((p * nll).sum()) + 0.1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# diffusion.dfm_carry_over (mask source): SUBS instead of the library's head. An unmasked token is copied, so
+# its loss is 0 and the network is asked for the masked positions only.
+
+class CarryOver(torch.nn.Module):
+    """What carry-over makes of `net`'s logits, applied outside the objective: one-hot(x_s) where x_s is not
+    the mask, the mask logit -inf elsewhere."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, xt, t=None, logits_at=None, row_loss=None, **_):
+        out = self.net(xt, t=t).double().clone()
+        out[..., V] = float("-inf")
+        copy = torch.full_like(out, float("-inf")).scatter(-1, xt.clamp(max=V - 1)[..., None], 0.0)
+        return net_output(torch.where((xt != V)[..., None], copy, out), logits_at, row_loss)
+
+
+def test_carry_over_eval_sums_are_the_plain_estimator_on_the_carried_over_head():
+    """Draw for draw, at every level: carry-over's eval_sums (the head asked for masked positions only) equals
+    the library's summand computed on the net with carry-over applied by hand, and is below the plain head's
+    summand (-p(mask) >= log(1 - p(mask)), and w (1 - p(x_s | x_s)) >= 0 at unmasked tokens)."""
+    net = make_net("random", "mask")
+    carry, plain = dfm(kappa_exponent=N_EXP, dfm_carry_over=True), dfm(kappa_exponent=N_EXP)
+    x1 = torch.tensor([2, 0, 1])
+    x0, coins, _ = source_outcomes("mask", L3)
+    for k in (0.0, 0.137, 0.5, 0.9, 1 - LIB_EPS):
+        draws = [EvalDraw({"k": k, "pos": torch.where(c.bool(), 0.0, 1.5), "tok": (a.double() + 0.5) / V,
+                           "scored": torch.ones(L3, dtype=torch.bool)}, 1.0) for a, c in zip(x0, coins)]
+        X1 = x1.expand(len(draws), L3)
+        keep = torch.ones_like(X1, dtype=torch.bool)
+        ours = carry.eval_sums(net, X1, draws, keep=keep)
+        by_hand = plain.eval_sums(CarryOver(net), X1, draws, keep=keep)
+        assert torch.allclose(ours, by_hand, rtol=1e-12, atol=1e-12), (k, ours, by_hand)
+        assert bool((ours < plain.eval_sums(net, X1, draws, keep=keep)).all())
+
+
+def test_carry_over_bound_is_tight_with_the_oracle():
+    """The oracle's own-position posterior already copies unmasked tokens, so carry-over leaves its bound at
+    -log p(x); a random net's bound under carry-over is below its plain bound for every x, and above the
+    entropy on average."""
+    cond_of = lambda net: (lambda Z, t: net(Z, t=torch.full((len(Z),), t)))  # noqa: E731
+    carry, plain = dfm(kappa_exponent=N_EXP, dfm_carry_over=True), dfm(kappa_exponent=N_EXP)
+    nll = -torch.log(JOINT.reshape(-1))
+    oracle, rnd = make_net("oracle", "mask"), make_net("random", "mask")
+    for i in (0, 13, 26):
+        assert carry.exact_nelbo(cond_of(oracle), ALL_X[i], nodes=200, eps=1e-12) == pytest.approx(
+            float(nll[i]), abs=1e-8)
+    got = torch.tensor([carry.exact_nelbo(cond_of(rnd), x, nodes=48) for x in ALL_X], dtype=torch.float64)
+    ref = torch.tensor([plain.exact_nelbo(cond_of(rnd), x, nodes=48) for x in ALL_X], dtype=torch.float64)
+    assert bool((got < ref).all())
+    p = JOINT.reshape(-1)
+    assert float((p * got).sum()) > float((p * nll).sum()) + 0.1
+
+
+def test_carry_over_training_loss_is_subs_mdm_through_the_transformer():
+    """kappa = s = 1 - t: on the same step draw (mdm's masks and t) the loss is mdm's 1/t-weighted CE at the
+    masked positions with the mask logit removed (SUBS, as mdm's bound), value and gradient, through a real
+    time-conditioned network; the head is counted at mdm's masked fraction."""
+    from model.config import ModelConfig
+    from model.transformer import Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=4, ffn_dim=64, vocab_size=V + 1, mask_id=V,
+                                    max_seq_len=16, time_conditioning="adaln")).double()
+    B, L = 6, 12
+    x0 = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(1))
+    carry, mdm = dfm(dfm_carry_over=True), build_objective(DiffusionConfig(objective="mdm"), mask_id=V,
+                                                           vocab_size=V + 1)
+    noise = carry.draw(3, 7, B, L).rows(slice(0, B))
+    nm = mdm.noise(x0, noise)
+
+    def subs_mdm():
+        logits = model(nm.xt, t=nm.t).double()
+        logits[..., V] = float("-inf")
+        ce = torch.nn.functional.cross_entropy(logits[nm.at], x0[nm.at], reduction="none")
+        return (ce / nm.t.double()[:, None].expand(B, L)[nm.at]).sum() / (B * L)
+    got = []
+    for fn in (lambda: carry.micro_loss(model, x0, noise)[0], subs_mdm):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        got.append((float(loss.detach()), [p.grad.clone() for p in model.parameters()]))
+    assert got[0][0] == pytest.approx(got[1][0], rel=1e-6)  # the network's row loss runs in fp32
+    for a, b in zip(got[0][1], got[1][1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-8)
+    assert carry.logit_fraction(128) == pytest.approx(mdm.logit_fraction(128), rel=1e-4)
+    assert dfm().logit_fraction(128) == 1.0
+
+
+def test_carry_over_solver_copies_unmasked_tokens():
+    """An oracle at the masked positions with noise at the unmasked ones: with carry-over the Euler solver
+    still samples the joint (chi-square); without it the same net's jumps rewrite unmasked tokens and the
+    test rejects it (power)."""
+    L, B = 3, 20_000
+    joint = random_joint(V, L, seed=1)
+
+    def probs(z):
+        p = posterior(joint, z, V)
+        return torch.where((z != V)[:, None], torch.full_like(p, 1.0 / V), p)
+    net = TableNet(V, L, log_table(probs))
+    kw = dict(gen_length=L, steps=400, temperature=1.0)
+    start = torch.zeros(B, 0, dtype=torch.long)
+    out = dfm(dfm_carry_over=True).generate(net, start, None, noise=Noise(torch.Generator().manual_seed(2), B,
+                                                                          "cpu"), **kw)
+    assert chi_square_p(out, joint) > 1e-3
+    bad = dfm().generate(net, start, None, noise=Noise(torch.Generator().manual_seed(2), B, "cpu"), **kw)
+    assert chi_square_p(bad, joint) < 1e-6
+
+
+def test_carry_over_needs_the_mask_source():
+    with pytest.raises(ValueError, match="dfm_carry_over"):
+        dfm("uniform", dfm_carry_over=True)

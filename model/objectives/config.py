@@ -61,4 +61,5 @@ class DiffusionConfig:
     source: Literal["mask", "uniform"] = "mask"  # dfm: the source distribution of the mixture path
     kappa_exponent: float = 1.0  # dfm: polynomial scheduler kappa = s^n (s: DFM's time, 1 - t)
     dfm_loss: Literal["generalized_kl", "cross_entropy"] = "generalized_kl"  # cross_entropy is not a bound
+    dfm_carry_over: bool = False  # dfm, mask source: unmasked tokens are copied (SUBS); off = the library's head
     genmd4: GenMD4Config = field(default_factory=GenMD4Config)  # objective=genmd4 only

@@ -9,6 +9,13 @@ Path, per token: x_s = x_1 (the data) with probability kappa(s), else a draw fro
 (diffusion.source): "mask" (every token the mask id) or "uniform" (a uniformly random real token).
 Network: time-conditioned, p_{1|s}(. | x_s) = softmax of its logits. Mask source: the head covers the mask
 as in flow_matching's text example (no SUBS); uniform source: the mask logit is -inf.
+diffusion.dfm_carry_over (mask source only, off by default): MDLM's SUBS parameterisation instead, p_{1|s} =
+one-hot(x_s) where x_s is not the mask and the mask logit -inf elsewhere. The library's head must learn to
+copy every unmasked token of a V-way input, and until it does the generalised KL charges w (1 - p(x_s | x_s))
+at each of them (about 5 nats per token on Shakespeare, V = 4096, after 143 steps: docs/objectives.md). With
+carry-over those terms are exactly 0 and the loss is the w-weighted CE over the real tokens at the masked
+positions: for kappa = 1 - t and the same draws, mdm's loss with SUBS (mdm trains with the mask logit in its
+softmax and applies SUBS at evaluation). The head is computed at the masked positions only.
 
 Losses (diffusion.dfm_loss), per token, every position, averaged over the B L tokens:
   "generalized_kl" (flow_matching.loss.MixturePathGeneralizedKL, ELBO-consistent): with w = kappa' / (1 - kappa),
@@ -85,14 +92,22 @@ class DiscreteFlowMatching(RealVocab, Objective):
         self.loss_kind = choice(dcfg, "dfm_loss", "generalized_kl", ("generalized_kl", "cross_entropy"))
         self.eps = dcfg.eps
         self.head_has_mask = self.source == "mask"
+        self.carry_over = bool(getattr(dcfg, "dfm_carry_over", False))
+        if self.carry_over and self.source != "mask":
+            raise ValueError("diffusion.dfm_carry_over=true needs diffusion.source=mask: with the uniform source a "
+                             "token of x_s may be noise, so it cannot be copied; set dfm_carry_over=false")
+        if self.carry_over:
+            self.logits_at = "masked"
 
     # DFM's time s = 1 - t, and its scheduler
     def kappa(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return s ** self.n, self.n * s ** (self.n - 1.0)
 
     def head(self, logits: torch.Tensor) -> torch.Tensor:
-        """The uniform source never uses the mask id: its logit is -inf (the mask source keeps it)."""
-        if self.source == "uniform" and self.mask_id is not None and 0 <= self.mask_id < logits.shape[-1]:
+        """The uniform source never uses the mask id: its logit is -inf (the mask source keeps it, unless
+        carry-over, where the mask is never a clean token either)."""
+        if ((self.source == "uniform" or self.carry_over) and self.mask_id is not None
+                and 0 <= self.mask_id < logits.shape[-1]):
             logits = logits.masked_fill(real_columns(logits.shape[-1], self.mask_id, logits.dtype,
                                                      logits.device) == 0, float("-inf"))
         return logits
@@ -119,11 +134,18 @@ class DiscreteFlowMatching(RealVocab, Objective):
     def token_loss(self, logits, xs, x1, kap, dkap, kind: str):
         logits = self.head(logits)
         if kind == "cross_entropy":
-            return torch.nn.functional.cross_entropy(logits, x1, reduction="none")
-        return generalized_kl(logits, xs, x1, dkap / (1.0 - kap))
+            per = torch.nn.functional.cross_entropy(logits, x1, reduction="none")
+        else:
+            per = generalized_kl(logits, xs, x1, dkap / (1.0 - kap))
+        if self.carry_over:  # p(. | x_s) is one-hot(x_s) at an unmasked x_s (= x_1): both losses are 0 there
+            per = per.masked_fill(xs != self.mask_id, 0.0)
+        return per
 
     def per_token(self, model, x1, xs, t, kap, dkap, kind, sel=None, **kw):
+        """Losses at the positions `sel` (None: all); with carry-over only the masked ones among them are
+        computed (the rest are 0), so the result then covers `sel & (xs == mask)`: see `scored_at`."""
         L = xs.shape[1]
+        sel = self.scored_at(xs, sel)
         k_rows, d_rows = kap.repeat_interleave(L), dkap.repeat_interleave(L)
         z, x = xs.reshape(-1), x1.reshape(-1)
         if sel is not None:
@@ -134,6 +156,21 @@ class DiscreteFlowMatching(RealVocab, Objective):
             return self.token_loss(logits, z[sl], x[sl], k_rows[sl].to(logits.dtype), d_rows[sl].to(logits.dtype),
                                    kind)
         return model(xs, logits_at=sel, t=t.float(), row_loss=rows, **kw)
+
+    def logit_fraction(self, seq_len: int, points: int = 10_000) -> float:
+        """Every position, or under carry-over the expected masked fraction E_t[1 - kappa(1 - t)]."""
+        if not self.carry_over:
+            return 1.0
+        t = noise_level((torch.arange(points, dtype=torch.float64) + 0.5) / points, self.eps)
+        return float((1.0 - self.kappa(1.0 - t)[0]).mean())
+
+    def scored_at(self, xs, sel=None):
+        """The positions whose loss the network must compute: `sel` (None: every position), narrowed to the
+        masked ones under carry-over."""
+        if not self.carry_over:
+            return sel
+        masked = xs == self.mask_id
+        return masked if sel is None else sel & masked
 
     def loss(self, model, batch: Noised, *, ce_chunk: int = 0):
         B, L = batch.x0.shape
@@ -159,8 +196,9 @@ class DiscreteFlowMatching(RealVocab, Objective):
     def eval_sums(self, model, x0, draws, *, keep, subs=True):
         k, xs, scored = noised_draws(x0, draws, "k", torch.float64, self.sample_path)
         t = 1.0 - k ** (1.0 / self.n)  # the network's level: s = kappa^{-1}(k), t = 1 - s
-        return row_sums(draws, scored, keep, lambda kp: self.per_token(model, x0, xs, t, k, torch.ones_like(k),
-                                                                      "generalized_kl", sel=scored, key_padding=kp))
+        return row_sums(draws, self.scored_at(xs, scored), keep,
+                        lambda kp: self.per_token(model, x0, xs, t, k, torch.ones_like(k), "generalized_kl",
+                                                  sel=scored, key_padding=kp))
 
     # -- brute force (tests)
     def states(self) -> list[int]:
@@ -212,11 +250,13 @@ class DiscreteFlowMatching(RealVocab, Objective):
             x1 = categorical(p1.reshape(-1, V), noise.rows(allrows, G).reshape(-1)).view(B, G)
             u = noise.rows(allrows, G)
             if i == steps - 1:
-                x[:, P:] = x1
+                x[:, P:] = torch.where(x[:, P:] == self.mask_id, x1, x[:, P:]) if self.carry_over else x1
             else:
                 kap, dkap = self.kappa(torch.tensor(s, dtype=torch.float64))
                 jump = 1.0 - math.exp(-h * float(dkap) / (1.0 - float(kap)))
                 cur = x[:, P:]
+                if self.carry_over:  # the prediction at an unmasked token is that token: no jump
+                    x1 = torch.where(cur == self.mask_id, x1, cur)
                 x[:, P:] = torch.where((x1 != cur) & (u < jump), x1, cur)
             if callback is not None:
                 callback(i + 1, x)
