@@ -19,8 +19,9 @@ or run `python -m eval.downstream` (docs/downstream.md). Requests are served bat
     (rolling_method, default: "count" where the objective has it, else its first: sedd "t", d3pm "step",
     dfm "elbo").
   Objectives whose bound the masked-answer estimator is not (time-conditioned networks: sedd, d3pm, dfm,
-  uniform, hybrid; Objective.conditional_refusal) refuse loglikelihood with that explanation instead of
-  reporting a wrong number; their loglikelihood_rolling and generate_until work.
+  uniform, hybrid; block diffusion, whose clean context must not see the masked answer;
+  Objective.conditional_refusal) refuse loglikelihood with that explanation instead of reporting a wrong
+  number; their loglikelihood_rolling and generate_until work.
   - generate_until: the diffusion sampler on left-padded batches, semi-autoregressive blocks, rows leave the
     batch once a stop string or EOS appears after a finished block.
 
