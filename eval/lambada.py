@@ -69,19 +69,20 @@ def load_passages(path: Optional[str]) -> list[str]:
 @torch.no_grad()
 def evaluate_lambada(model, tok, passages: list[str], *, mask_id: int, mc_samples: int = 16, batch_size: int = 64,
                      max_length: Optional[int] = None, ranking: bool = True, seed: int = 0,
-                     prefix_id: Optional[int] = None) -> dict:
+                     prefix_id: Optional[int] = None, objective=None) -> dict:
     """Greedy and ranking accuracies (see the module docstring) plus per-passage details."""
     pairs = [encode_pair(tok, *split_passage(p), prefix_id) for p in passages]
     ctxs = [c for c, _ in pairs]
     conts = [x for _, x in pairs]
     t0 = time.perf_counter()
     preds = greedy_fill(model, ctxs, [len(c) for c in conts], mask_id=mask_id, batch_size=batch_size,
-                        max_length=max_length)
+                        max_length=max_length, objective=objective)
     t_greedy = time.perf_counter() - t0
     greedy_ok = [p == c for p, c in zip(preds, conts)]
     t0 = time.perf_counter()
     target_ll = conditional_loglikelihood(model, ctxs, conts, mask_id=mask_id, mc_samples=mc_samples,
-                                          batch_size=batch_size, seed=seed, max_length=max_length)
+                                          batch_size=batch_size, seed=seed, max_length=max_length,
+                                          objective=objective)
     t_ll = time.perf_counter() - t0
     rank_ok: list[Optional[bool]] = [None] * len(passages)
     best_words: list[Optional[str]] = [None] * len(passages)
@@ -98,7 +99,7 @@ def evaluate_lambada(model, tok, passages: list[str], *, mask_id: int, mc_sample
                 jobs.append((i, w, c, x))
         lls = conditional_loglikelihood(model, [j[2] for j in jobs], [j[3] for j in jobs], mask_id=mask_id,
                                         mc_samples=mc_samples, batch_size=batch_size, seed=seed,
-                                        max_length=max_length)
+                                        max_length=max_length, objective=objective)
         best = [(target_ll[i].logprob, split_passage(p)[1].strip()) for i, p in enumerate(passages)]
         for (i, w, _, _), ll in zip(jobs, lls):
             if ll.logprob > best[i][0]:
@@ -154,7 +155,8 @@ def main(argv=None) -> int:
     prefix = prefix if prefix is not None else getattr(tok, "eos_id", None)
     res = evaluate_lambada(run.model, tok, passages, mask_id=run.cfg.model.mask_id, mc_samples=args.mc_samples,
                            batch_size=args.batch_size, max_length=min(run.cfg.data.seq_len, run.cfg.model.max_seq_len),
-                           ranking=not args.no_ranking, seed=args.seed, prefix_id=prefix)
+                           ranking=not args.no_ranking, seed=args.seed, prefix_id=prefix,
+                           objective=None if run.is_ar else run.objective)
     res.update(ckpt=str(run.path), step=run.step, kind="ar" if run.is_ar else "diffusion")
     rank = "skipped" if res["ranking_acc"] is None else f"{res['ranking_acc']:.4f}"
     print(f"LAMBADA ({res['n']} passages, {res['multi_token_targets']} with multi-token targets), {run.path}")

@@ -27,6 +27,12 @@ AR checkpoints (model.cfg.causal) get the exact log-likelihood from one teacher-
 `greedy_fill` decodes the continuation jointly by greedy iterative unmasking (most confident position first,
 one per step) from a fully masked continuation of the right length: the diffusion analogue of "is the
 continuation the greedy decode", lm-eval's `is_greedy` (LAMBADA accuracy).
+
+Block diffusion (`objective=` a block objective): the estimator above would run plain bidirectional attention,
+letting the clean context see the masked answer, which a block model never does. Its conditional bound is
+instead eval.elbo's block estimator over [context, answer] with only the answer scored (each answer block's
+diffusion bound given the clean blocks before it; exact for block size 1), and its greedy fill is the block
+sampler at temperature 0, one token per step.
 """
 from __future__ import annotations
 
@@ -205,7 +211,8 @@ def _ar_logits(model, x, kp, mask_id):
 def conditional_loglikelihood(model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
                               mask_id: int, mc_samples: int = 128, batch_size: int = 64, cfg_scale: float = 0.0,
                               stderr_tol: Optional[float] = None, round_size: Optional[int] = None,
-                              seed: int = 0, max_length: Optional[int] = None, progress=None) -> list[LogLik]:
+                              seed: int = 0, max_length: Optional[int] = None, progress=None,
+                              objective=None) -> list[LogLik]:
     """log p(continuation | context) for every pair, batched across examples and Monte Carlo samples.
 
     mc_samples: K samples per example (one for a single-token continuation, whose estimate is exact).
@@ -213,12 +220,18 @@ def conditional_loglikelihood(model, contexts: Sequence[Sequence[int]], continua
     standard error (nats) is at most this, checked after every round of `round_size` samples (default: K
     without early stop, else min(K, 16)). seed: names the Monte Carlo noise (with each example's tokens).
     max_length: truncate contexts from the left to fit.
-    progress: optional callable(n_rows_done) for a progress bar."""
+    progress: optional callable(n_rows_done) for a progress bar.
+    objective: the checkpoint's objective; a block objective takes the block bound (module docstring)."""
     ctx, cont = _check(contexts, continuations, max_length)
     if _is_causal(model):
         if cfg_scale:
             raise ValueError("classifier-free guidance is defined for diffusion models only")
         return _ar_loglik(model, ctx, cont, batch_size, mask_id)
+    if _is_block(objective):
+        if cfg_scale:
+            raise ValueError("classifier-free guidance is not defined for block diffusion here")
+        return _block_loglik(model, ctx, cont, objective, mask_id=mask_id, mc_samples=mc_samples,
+                             batch_size=batch_size, seed=seed, progress=progress)
     if mc_samples < 1:
         raise ValueError("mc_samples must be >= 1")
     N = len(ctx)
@@ -267,6 +280,33 @@ def conditional_loglikelihood(model, contexts: Sequence[Sequence[int]], continua
     return out
 
 
+def _is_block(objective) -> bool:
+    return getattr(objective, "name", None) == "block"
+
+
+def _block_loglik(model, ctx, cont, objective, *, mask_id: int, mc_samples: int, batch_size: int, seed: int,
+                  progress=None) -> list[LogLik]:
+    """Minus eval.elbo's block `count` estimate of the answer's NELBO given the context, K samples per example
+    (one when every answer block holds a single answer token: then it is exact), keyed on the example."""
+    from .elbo import sequence_samples
+    out = []
+    for c, x in zip(ctx, cont):
+        if not x:
+            out.append(LogLik(0.0, 0.0, 0, 0))
+            continue
+        bs = objective.block_size
+        cols = range(len(c), len(c) + len(x))
+        exact = all(sum(1 for j in cols if j // bs == b) == 1 for b in {j // bs for j in cols})
+        k = 1 if exact else mc_samples
+        est = sequence_samples(model, [c + x], method="count", samples=k, seed=seed, mask_id=mask_id,
+                               maskable=[[False] * len(c) + [True] * len(x)], seq_ids=[pair_key(seed, c, x)],
+                               batch_size=batch_size, objective=objective)[0]
+        out.append(LogLik(-float(est.mean()), 0.0 if exact else _stderr((-est).tolist()), k, len(x)))
+        if progress is not None:
+            progress(k)
+    return out
+
+
 def encode_pair(tok, context: str, continuation: str, prefix_id: Optional[int] = None) -> tuple[list[int], list[int]]:
     """Token ids of (context, continuation) the way lm-eval's HF model makes them: trailing spaces of the
     context move to the continuation, and the continuation is what encoding the whole string adds after the
@@ -299,18 +339,30 @@ def _stderr(d: list[float]) -> float:
 
 @torch.no_grad()
 def greedy_fill(model, contexts: Sequence[Sequence[int]], lengths: Sequence[int], *, mask_id: int,
-                batch_size: int = 64, max_length: Optional[int] = None) -> list[list[int]]:
+                batch_size: int = 64, max_length: Optional[int] = None, objective=None) -> list[list[int]]:
     """Greedy joint prediction of `lengths[i]` tokens after each context.
 
     Diffusion: start with the continuation fully masked; each step predicts every masked position and
     unmasks the single most confident one (LLaDA's low-confidence remasking, one token per step), so the
     tokens are predicted jointly, each conditioned on those already chosen. AR: greedy left-to-right decode.
-    Batched: rows with shorter continuations finish early and leave the batch."""
+    Batched: rows with shorter continuations finish early and leave the batch. Block diffusion: the block
+    sampler at temperature 0 with one token per step (rows grouped by continuation length)."""
     ctx = [list(map(int, c)) for c in contexts]
     if max_length is not None:
         ctx = [c[len(c) - (max_length - n):] if len(c) + n > max_length else c for c, n in zip(ctx, lengths)]
     device = _device(model)
     out: list[list[int]] = [[] for _ in ctx]
+    if _is_block(objective):
+        from model.sample import generate
+        for n in sorted({int(n) for n in lengths if n > 0}):
+            idx = [i for i, m in enumerate(lengths) if m == n]
+            for start in range(0, len(idx), batch_size):
+                part = idx[start:start + batch_size]
+                x = generate(model, [ctx[i] for i in part], mask_id=mask_id, gen_length=n, steps=n,
+                             temperature=0.0, objective=objective, kv_cache="prefix", pad_id=0)
+                for r, i in enumerate(part):
+                    out[i] = x[r, x.shape[1] - n:].tolist()
+        return out
     causal = _is_causal(model)
     for idx in length_batches([len(c) + n for c, n in zip(ctx, lengths)], batch_size):
         idx = [i for i in idx if lengths[i] > 0]
@@ -363,9 +415,9 @@ def _greedy_ar(model, x: torch.Tensor, real: torch.Tensor, ctx_len: list[int], m
 
 
 def greedy_match(model, contexts, continuations, *, mask_id: int, batch_size: int = 64,
-                 max_length: Optional[int] = None) -> list[bool]:
+                 max_length: Optional[int] = None, objective=None) -> list[bool]:
     """Whether the greedy joint prediction (`greedy_fill`) reproduces each continuation exactly."""
     cont = [list(map(int, c)) for c in continuations]
     pred = greedy_fill(model, contexts, [len(c) for c in cont], mask_id=mask_id, batch_size=batch_size,
-                       max_length=max_length)
+                       max_length=max_length, objective=objective)
     return [p == c for p, c in zip(pred, cont)]

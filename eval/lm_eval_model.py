@@ -19,9 +19,9 @@ or run `python -m eval.downstream` (docs/downstream.md). Requests are served bat
     (rolling_method, default: "count" where the objective has it, else its first: sedd "t", d3pm "step",
     dfm "elbo").
   Objectives whose bound the masked-answer estimator is not (time-conditioned networks: sedd, d3pm, dfm,
-  uniform, hybrid; block diffusion, whose clean context must not see the masked answer;
-  Objective.conditional_refusal) refuse loglikelihood with that explanation instead of reporting a wrong
-  number; their loglikelihood_rolling and generate_until work.
+  uniform, hybrid; Objective.conditional_refusal) refuse loglikelihood with that explanation instead of
+  reporting a wrong number; their loglikelihood_rolling and generate_until work. Block diffusion's loglikelihood
+  is its own block bound of the answer (eval/likelihood.py).
   - generate_until: the diffusion sampler on left-padded batches, semi-autoregressive blocks, rows leave the
     batch once a stop string or EOS appears after a finished block.
 
@@ -149,14 +149,16 @@ class UnmaskLM(LM):
         lls = conditional_loglikelihood(self.model, ctxs, conts, mask_id=self.mask_id, mc_samples=self.mc_samples,
                                         batch_size=self.batch_size, cfg_scale=self.cfg_scale,
                                         stderr_tol=self.stderr_tol, round_size=self.mc_round,
-                                        seed=self.seed, max_length=self.max_length, progress=tick)
+                                        seed=self.seed, max_length=self.max_length, progress=tick,
+                                        objective=self.run.objective)
         bar.close()
         want = self._greedy_wanted(requests)
         greedy_keys = sorted({uniq[(tuple(c), tuple(x))] for (c, x), w in zip(pairs, want) if w})
         greedy = {}
         if greedy_keys:
             flags = greedy_match(self.model, [ctxs[k] for k in greedy_keys], [conts[k] for k in greedy_keys],
-                                 mask_id=self.mask_id, batch_size=self.batch_size, max_length=self.max_length)
+                                 mask_id=self.mask_id, batch_size=self.batch_size, max_length=self.max_length,
+                                 objective=self.run.objective)
             greedy = dict(zip(greedy_keys, flags))
         out = []
         for req, (c, x), w in zip(requests, pairs, want):

@@ -108,22 +108,28 @@ def test_lm_eval_model_rolling_uses_the_objectives_estimator_and_refuses_conditi
         UnmaskLM(ckpt=str(run), rolling_method="count")
 
 
-def test_lm_eval_model_serves_a_block_checkpoint_rolling_and_refuses_conditionals(tmp_path):
-    """Block diffusion: loglikelihood_rolling is the block bound (eval.elbo with the objective); loglikelihood's
-    masked-answer estimator would run plain bidirectional attention, which is not the block model, so it is
-    refused with the reason."""
+def test_lm_eval_model_serves_a_block_checkpoint(tmp_path):
+    """Block diffusion: loglikelihood_rolling is the block bound (eval.elbo with the objective), and loglikelihood
+    the block conditional bound with only the answer scored (eval.likelihood with the objective), not the
+    masked-answer estimator over plain bidirectional attention, which gives another number."""
     pytest.importorskip("lm_eval")
     from eval.elbo import rolling_nelbo
+    from eval.likelihood import conditional_loglikelihood
     from eval.lm_eval_model import UnmaskLM
     from tests.helpers_downstream import make_text_run
     torch.set_num_threads(1)
     run = make_text_run(tmp_path / "block", seq_len=16, diffusion={"objective": "block", "block_size": 4})
-    lm = UnmaskLM(ckpt=str(run), rolling_samples=2, seed=3, batch_size=8)
+    lm = UnmaskLM(ckpt=str(run), rolling_samples=2, seed=3, batch_size=8, mc_samples=8)
     text = "the cat sat on the mat and the dog sat on the log"
     got = lm.loglikelihood_rolling([_request(text)])[0]
+    obj = lm.run.objective
     want = rolling_nelbo(lm.model, lm.tok.encode(text), mask_id=lm.mask_id, window=lm.max_length, samples=2, seed=3,
-                         bos_id=lm.prefix_id, method=lm.rolling_method, batch_size=8, objective=lm.run.objective)
-    assert lm.run.objective.name == "block"
+                         bos_id=lm.prefix_id, method=lm.rolling_method, batch_size=8, objective=obj)
+    assert obj.name == "block"
     assert math.isfinite(got) and got < 0 and got == pytest.approx(-want.total_nats, rel=1e-9)
-    with pytest.raises(ValueError, match="not the block model's bound"):
-        lm.loglikelihood([_request("the cat sat on the", " mat")])
+    ll, _ = lm.loglikelihood([_request("the cat sat on the", " mat and the dog")])[0]
+    c, x = lm._encode_pair("the cat sat on the", " mat and the dog")
+    common = dict(mask_id=lm.mask_id, mc_samples=8, batch_size=8, seed=3, max_length=lm.max_length)
+    assert ll == pytest.approx(conditional_loglikelihood(lm.model, [c], [x], objective=obj, **common)[0].logprob,
+                               rel=1e-9)
+    assert ll != pytest.approx(conditional_loglikelihood(lm.model, [c], [x], **common)[0].logprob, rel=1e-6)

@@ -204,13 +204,9 @@ class BlockDiffusion(Objective):
     summary = "AR over blocks, masked diffusion within; 2L input [x_t, x_0] under a block mask; exact KV cache"
 
     def conditional_refusal(self) -> Optional[str]:
-        """eval/likelihood.py's masked-answer estimator and greedy fill run the network over [context, answer]
-        with plain bidirectional attention: the context would see the masked answer, which a block model never
-        saw in training (clean blocks never attend to noisy ones), so the number is not this model's bound."""
-        return ("conditional log-likelihoods (lm-eval loglikelihood, eval.lambada) use the masked-answer "
-                "estimator over plain bidirectional attention, which is not the block model's bound (its clean "
-                "context would attend to the masked answer): refused rather than reporting a wrong number; "
-                "loglikelihood_rolling / eval.ppl (the block bound) and generate_until (the block sampler) work")
+        """None: eval/likelihood.py routes a block objective to the block bound with only the answer scored
+        (plain masked-answer scoring would let the clean context see the masked answer)."""
+        return None
 
     def __init__(self, dcfg, *, mask_id=None, vocab_size=None):
         super().__init__(dcfg, mask_id=mask_id, vocab_size=vocab_size)
