@@ -159,7 +159,7 @@ def sparse_tiles(mask: torch.Tensor, structure: torch.Tensor, rows: int) -> list
     that `structure` (N, N) (a superset of `mask` that depends on no batch: the same tiles every step, so a
     compiled graph is not re-specialised) allows to some row of the tile. The same attention as the dense
     mask, row for row (the dropped columns are masked for every row of the tile); on CPU, SDPA over the 2L
-    block-diffusion mask drops ~60% of the score work this way (benchmarks/train_step.py --objective block).
+    block-diffusion mask keeps ~36% of the score work this way (benchmarks/block_tiles.py).
     A tile whose rows see no key keeps one column, so fully masked rows stay what dense SDPA makes of them."""
     N = mask.shape[-1]
     if bool((mask & ~structure).any()):
