@@ -46,6 +46,49 @@ def test_per_token_loss_at_the_end_points():
     assert torch.allclose(gidd_nll(logits, zm, x, a, da, p_u=0.0, mask_id=MASK), want, rtol=1e-9, atol=1e-12)
 
 
+def gidd_dense(logits, z, x, a, da, p_u):
+    """GIDD's ELBO integrand written from its definition with dense (n, V) distributions over the real
+    tokens: w_t(z) [KL(q_t(. | x) || q_t(. | x_theta)) + r - log r - 1] (the module docstring's weights)."""
+    n = logits.shape[0]
+    masked = logits.clone()
+    masked[:, MASK] = float("-inf")
+    x_theta = masked.softmax(-1)[:, :V]
+    b = 1 - a
+    rho = a * p_u / (a * p_u + b * (1 - p_u))
+    c0 = (b * rho / V)[:, None]
+    one_hot = torch.nn.functional.one_hot(x, V).double()
+    q_x, q_theta = a[:, None] * one_hot + c0, a[:, None] * x_theta + c0
+    kl = (q_x * (q_x.log() - q_theta.log())).sum(-1)
+    is_mask = z == MASK
+    zs = torch.where(is_mask, x, z)
+    r = q_x.gather(-1, zs[:, None])[:, 0] / q_theta.gather(-1, zs[:, None])[:, 0]
+    is_div = torch.where(is_mask, 0.0, r - r.log() - 1)
+    w = torch.where(is_mask, -da * (1 + rho) / (a * b), -da * rho ** 2 / (a * V * q_x.gather(-1, zs[:, None])[:, 0]))
+    return w * (kl + is_div)
+
+
+@pytest.mark.parametrize("p_u", [0.3, 0.8])
+def test_per_token_loss_equals_the_dense_definition_with_its_gradient(p_u):
+    """gidd_nll (which reads the logits through mixture_log_stats) against the dense definition: values and
+    gradients in float64, at masked, clean and replaced positions."""
+    g = torch.Generator().manual_seed(3)
+    n = 60
+    logits = (torch.randn(n, V + 1, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    x = torch.randint(0, V, (n,), generator=g)
+    kind = torch.randint(0, 3, (n,), generator=g)
+    z = torch.where(kind == 0, x, torch.where(kind == 1, torch.full_like(x, MASK),
+                                              (x + torch.randint(1, V, (n,), generator=g)) % V))
+    a = 0.02 + 0.96 * torch.rand(n, generator=g, dtype=torch.float64)
+    da = -0.2 - torch.rand(n, generator=g, dtype=torch.float64)
+    ours = gidd_nll(logits, z, x, a, da, p_u=p_u, mask_id=MASK)
+    ref = gidd_dense(logits, z, x, a, da, p_u)
+    assert torch.allclose(ours, ref, rtol=1e-9, atol=1e-12)
+    coef = torch.randn(n, generator=g, dtype=torch.float64)
+    (g_ours,) = torch.autograd.grad((coef * ours).sum(), logits)
+    (g_ref,) = torch.autograd.grad((coef * ref).sum(), logits)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-8, atol=1e-10)
+
+
 def tiny():
     cfg = ModelConfig(dim=16, n_layers=1, n_heads=2, ffn_dim=32, vocab_size=V + 1, mask_id=MASK, max_seq_len=8,
                       init_std=0.6, time_conditioning="adaln")

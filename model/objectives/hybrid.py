@@ -35,7 +35,7 @@ import torch
 
 from .base import Noised, StepNoise, noise_level, register
 from .mdm import eval_generator
-from .uniform import (_TAG_KIND, UniformDiffusion, real_count, real_log_probs, uniform_tokens)
+from .uniform import _TAG_KIND, UniformDiffusion, mixture_log_stats, real_count, uniform_tokens
 
 LOSS_WEIGHT_CLIP = 1e3  # gidd-easydel GiddLoss: loss_weights.clip(0, 1e3)
 
@@ -55,27 +55,22 @@ def gidd_nll(logits: torch.Tensor, z: torch.Tensor, x: torch.Tensor, alpha: torc
     alpha' (n,); weighting "elbo" (the NELBO integrand) or "gidd" (GIDD's training weights)."""
     V = logits.shape[-1]
     N = real_count(V, mask_id)
-    logp = real_log_probs(logits, mask_id)
-    dt = logp.dtype
+    dt = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
     a, da = alpha.to(dt), dalpha.to(dt)
     b = 1.0 - a
     rho = mix_rho(a, p_u)
     c0 = b * rho / N  # q_t(y | x) of a real token y != x (the uniform part of the noise)
-    real = torch.ones(V, dtype=torch.bool, device=logits.device)
-    if 0 <= mask_id < V:
-        real[mask_id] = False
-    # log q_t(y | x_theta) = log(alpha x_theta_y + c0) at the real tokens, in log space (no underflow); the
-    # mask column is given a finite stand-in and summed out
-    logq = torch.logaddexp(a.log()[:, None] + torch.where(real, logp, 0.0), c0.log()[:, None])
-    pos = c0 > 0
-    S = torch.where(real, logq, 0.0).sum(-1)
-    log_px = logq.gather(-1, x[:, None])[:, 0]
-    kl = (N - 1) * torch.xlogy(c0, c0) + torch.xlogy(a + c0, a + c0) - torch.where(pos, c0 * S, 0.0) - a * log_px
     is_mask = z == mask_id
     zs = torch.where(is_mask, x, z)  # a safe index; the mask branch is masked out below
+    # log q_t(y | x_theta) = log(alpha x_theta_y + c0) at the real tokens: its sum S and its values at x and
+    # zs are all the loss reads of the logits (in log space at x and zs: finite when c0 = 0)
+    S, lg = mixture_log_stats(logits, a, c0, torch.stack([x, zs], -1), mask_id=mask_id)
+    log_px, log_pz = lg[:, 0], lg[:, 1]
+    pos = c0 > 0
+    kl = (N - 1) * torch.xlogy(c0, c0) + torch.xlogy(a + c0, a + c0) - torch.where(pos, c0 * S, 0.0) - a * log_px
     qz = a * (zs == x).to(dt) + c0
     ok = ~is_mask & pos  # without uniform noise (c0 = 0) a real z is x itself, whose weight is 0
-    log_r = torch.where(ok, qz, 1.0).log() - torch.where(ok, logq.gather(-1, zs[:, None])[:, 0], 0.0)
+    log_r = torch.where(ok, qz, 1.0).log() - torch.where(ok, log_pz, 0.0)
     is_div = torch.where(ok, log_r.exp() - log_r - 1.0, 0.0)
     w_mask = -da * (1.0 + rho) / (a * b)
     w_real = -da * rho ** 2 / (a * N * torch.where(ok, qz, 1.0))
@@ -94,7 +89,7 @@ class HybridDiffusion(UniformDiffusion):
     head_has_mask = False
     eval_methods = ("t", "mdlm")
     summary = "GIDD: masks mixed with uniform tokens (uniform_frac); KL + IS ELBO at every position"
-    row_loss_bytes = 30  # launch.plan: its autograd graph (benchmarks/row_loss_bytes.py: 12 + 12), not uniform's fused 16
+    row_loss_bytes = 16  # launch.plan: the fused statistics, as uniform (benchmarks/row_loss_bytes.py: 0 + 12)
 
     def __init__(self, dcfg, *, mask_id=None, vocab_size=None):
         super().__init__(dcfg, mask_id=mask_id, vocab_size=vocab_size)

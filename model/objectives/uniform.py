@@ -27,8 +27,9 @@ which is exactly a head over the N real tokens.
 
 The loss needs the full-vocabulary softmax at every position, so it runs through the model's chunked
 all-position loss (`row_loss=`, `diffusion.row_chunk` rows of logits at a time, recomputed in backward): the
-(B L, V) logits never exist whole, and the closed form's gradient is written out (`_DuoNLL`), so a chunk
-holds two (n, V) buffers besides its logits instead of the formula's autograd graph.
+(B L, V) logits never exist whole. The closed form reads the logits only through three per-row statistics
+(`mixture_log_stats`, whose gradient is written out), so a chunk holds two (n, V) buffers besides its logits
+instead of the formula's autograd graph.
 
 DUO's Gaussian-latent curriculum (`diffusion.curriculum_steps`, off by default) trains the first steps on soft
 inputs from a Gaussian latent whose argmax is uniform-state noise (the duality; `duality_table`, computed
@@ -72,90 +73,96 @@ def duo_nll(logits: torch.Tensor, z: torch.Tensor, x: torch.Tensor, alpha: torch
     """(n,) UDLM's per-token NELBO integrand in DUO's closed form (module docstring), for logits (n, V) at
     noised tokens z (n,) with clean tokens x (n,), alpha and alpha' (n,). Computed in the logits' dtype
     (float32 in training, float64 in the exactness tests); differentiable in the logits only (alpha and
-    alpha' are constants of the noise), by the analytic gradient of `_DuoNLL`."""
+    alpha' are constants of the noise). The logits enter only through S, log xbar_theta_z and
+    log xbar_theta_x (`mixture_log_stats`, whose gradient is written out); the rest is per-row algebra."""
     if alpha.requires_grad or dalpha.requires_grad:
         raise ValueError("duo_nll differentiates the logits only; alpha and alpha' must not require grad")
+    dt = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    V = logits.shape[-1]
+    N = V - int(mask_id is not None and 0 <= mask_id < V)
+    a, da = alpha.to(dt), dalpha.to(dt)
+    S, lg = mixture_log_stats(logits, N * a, 1.0 - a, torch.stack([z, x], -1), mask_id=mask_id)
+    lz, lx = lg[:, 0], lg[:, 1]
+    same = z == x
+    xbar_z = (1.0 - a) + N * a * same.to(dt)
+    term1 = N * (1.0 / xbar_z - torch.exp(-lz))
+    c = (1.0 - a) / (N * a + 1.0 - a)
+    log_c = c.log()
+    inner = S - N * lz
+    t2_same = -c * inner + (N - 1) * c * log_c
+    t2_diff = -inner - N * a / (1.0 - a) * (lx - lz) - log_c / c
+    return da / (N * a) * (term1 - torch.where(same, t2_same, t2_diff))
+
+
+# ------------------------------------------------------------ log-statistics of a mixed prediction
+def mixture_log_stats(logits: torch.Tensor, scale: torch.Tensor, const: torch.Tensor, idx: torch.Tensor, *,
+                      mask_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For q_j = scale p_j + const over the real tokens j, p = softmax of `logits` (n, V) over the real tokens
+    (the mask column excluded), and per-row constants scale > 0, const >= 0 (n,): returns
+
+        S (n,)      = sum over real j of log q_j
+        lg (n, k)   = log q_j at the real token ids idx (n, k), computed in log space (finite when const = 0)
+
+    Uniform noise (xbar_theta = N alpha x_theta + 1 - alpha) and GIDD's hybrid (q_t(. | x_theta) = alpha
+    x_theta + c0) read the logits only through these, so both losses are per-row algebra on (n,) tensors over
+    this one function. Its gradient is written out: a chunk of the all-position loss holds the softmax and one
+    (n, V) buffer, not an autograd graph of (n, V) temporaries, and each (n, V) pass is a vectorised kernel
+    (softmax, not logsumexp + exp). Differentiable in the logits only. tests/test_obj_uniform.py checks it by
+    gradcheck in float64, with and without a mask column and at const = 0."""
+    if scale.requires_grad or const.requires_grad:
+        raise ValueError("mixture_log_stats differentiates the logits only; scale and const must not require grad")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    return _DuoNLL.apply(logits, z, x, alpha, dalpha, mask_id)
+    return _MixtureLogStats.apply(logits, scale.to(logits.dtype), const.to(logits.dtype), idx, mask_id)
 
 
-def _real_xbar(logits: torch.Tensor, a: torch.Tensor, N: int, mask_id: Optional[int]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, V) x_theta over the real tokens (softmax with the mask column at 0), one fresh buffer, and in a
-    second buffer xbar_theta = N alpha x_theta + (1 - alpha); both in place so a chunk holds two (n, V)
-    tensors besides its logits (the autograd graph of the same formula keeps about eight)."""
-    p = logits.clone()
-    if mask_id is not None:
-        p[:, mask_id] = float("-inf")
-    lse = torch.logsumexp(p, -1, keepdim=True)
-    p.sub_(lse).exp_()
-    xbar = torch.addcmul((1.0 - a)[:, None], p, (N * a)[:, None])
-    return p, xbar
+def _real_softmax(logits: torch.Tensor, mid: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax over the real tokens (n, V), the row max of the real logits)."""
+    masked = logits.clone()
+    if mid is not None:
+        masked[:, mid] = float("-inf")
+    return torch.softmax(masked, -1), masked.amax(-1)  # amax: max(dim) with indices is ~15x slower on CPU
 
 
-class _DuoNLL(torch.autograd.Function):
-    """DUO's closed form with its gradient written out, so neither pass keeps the formula's temporaries.
-
-    With lb = log xbar_theta, l = k (term1 - term2), k = alpha' / (N alpha):
-      dl/dlb_j  = k w0 (every real j) + a correction at z (and at x when z != x),
-                  w0 = c, correction at z = -c N                     (z = x)
-                  w0 = 1, correction at z = -(N + K), at x = +K      (z != x, K = N alpha / (1 - alpha))
-      dl/dxbar_j = dl/dlb_j / xbar_j + [j = z] k N / xbar_z^2          (term1)
-      dl/dlogit_j = N alpha x_theta_j (G_j - sum_i G_i x_theta_i),  G = dl/dxbar
-    (the mask column has x_theta = 0, so its gradient is 0). tests/test_obj_uniform.py checks it against
-    finite differences in float64."""
+class _MixtureLogStats(torch.autograd.Function):
+    """With w_j = scale p_j / q_j (in [0, 1]; 1 where q_j = 0) and upstream gradients gS (n,), glg (n, k):
+        dL/dlog q_j   = g_j = gS [j real] + sum_i glg_i [j = idx_i]
+        dL/dlogit_j   = g_j w_j - p_j sum_k g_k w_k        (dlog q_k / dlogit_j = w_k ([k = j] - p_j))"""
 
     @staticmethod
-    def forward(ctx, logits, z, x, alpha, dalpha, mask_id):
+    def forward(ctx, logits, scale, const, idx, mask_id):
         V = logits.shape[-1]
         mid = mask_id if mask_id is not None and 0 <= mask_id < V else None
-        N = V - int(mid is not None)
-        a, da = alpha.to(logits.dtype), dalpha.to(logits.dtype)
-        p, xbar = _real_xbar(logits, a, N, mid)
-        lz = xbar.gather(-1, z[:, None])[:, 0].log()
-        lx = xbar.gather(-1, x[:, None])[:, 0].log()
-        del p
-        log_xbar = xbar.log_()
-        S = log_xbar.sum(-1) - (log_xbar[:, mid] if mid is not None else 0.0)  # over the real tokens only
-        del xbar, log_xbar
-        same = z == x
-        xbar_z = (1.0 - a) + N * a * same.to(a.dtype)
-        term1 = N * (1.0 / xbar_z - 1.0 / lz.exp())
-        c = (1.0 - a) / (N * a + 1.0 - a)
-        log_c = c.log()
-        inner = S - N * lz
-        t2_same = -c * inner + (N - 1) * c * log_c
-        t2_diff = -inner - N * a / (1.0 - a) * (lx - lz) - log_c / c
-        term2 = torch.where(same, t2_same, t2_diff)
-        ctx.save_for_backward(logits, z, x, a, da)
-        ctx.mask_id, ctx.N = mid, N
-        return da / (N * a) * (term1 - term2)
+        p, top = _real_softmax(logits, mid)
+        # log p at idx from the logits: lse = top - log(max p) (the max of p sits at the top logit, and is
+        # >= 1/V, so it never underflows)
+        lse = top - p.amax(-1).log()
+        logp_idx = logits.gather(-1, idx) - lse[:, None]
+        lg = torch.logaddexp(scale.log()[:, None] + logp_idx, const.log()[:, None])
+        logq = p.mul_(scale[:, None]).add_(const[:, None]).log_()
+        if mid is not None:
+            logq[:, mid] = 0.0
+        S = logq.sum(-1)
+        ctx.save_for_backward(logits, scale, const, idx)
+        ctx.mid = mid
+        return S, lg
 
     @staticmethod
-    def backward(ctx, grad):
-        logits, z, x, a, da = ctx.saved_tensors
-        N, mid = ctx.N, ctx.mask_id
-        p, xbar = _real_xbar(logits, a, N, mid)
-        same = z == x
-        k = grad * da / (N * a)  # the upstream gradient folded into the row's coefficient
-        c = (1.0 - a) / (N * a + 1.0 - a)
-        K = N * a / (1.0 - a)
-        w0 = torch.where(same, c, torch.ones_like(c))
-        xz = xbar.gather(-1, z[:, None])[:, 0]
-        xx = xbar.gather(-1, x[:, None])[:, 0]
-        pz = p.gather(-1, z[:, None])[:, 0]
-        px = p.gather(-1, x[:, None])[:, 0]
-        # sparse parts of G at z and (z != x) at x
-        gz = k * (torch.where(same, -c * N, -(N + K)) / xz + N / (xz * xz))
-        gx = torch.where(same, torch.zeros_like(k), k * K / xx)
-        r = xbar.reciprocal_().mul_(p)  # x_theta_j / xbar_j (0 at the mask column)
-        M = k * w0 * r.sum(-1) + gz * pz + gx * px  # sum_i G_i x_theta_i
-        Na = N * a
-        g = r.mul_((Na * k * w0)[:, None]).sub_(p.mul_((Na * M)[:, None]))
-        g.scatter_add_(-1, z[:, None], (Na * pz * gz)[:, None])
-        g.scatter_add_(-1, x[:, None], (Na * px * gx)[:, None])
-        return g, None, None, None, None, None
+    def backward(ctx, gS, glg):
+        logits, scale, const, idx = ctx.saved_tensors
+        mid = ctx.mid
+        p, _ = _real_softmax(logits, mid)
+        # two (n, V) buffers, updated in place (fresh CPU allocations of this size cost as much as a pass)
+        g = torch.mul(p, scale[:, None])
+        g.add_(const[:, None]).reciprocal_().mul_(p).mul_(scale[:, None])  # w = scale p / q
+        torch.nan_to_num_(g, nan=1.0)  # 0/0 only where const = 0 and p_j = 0: the limit is 1
+        w_idx = g.gather(-1, idx)
+        g.mul_(gS[:, None])
+        if mid is not None:
+            g[:, mid] = 0.0
+        g.scatter_add_(-1, idx, glg * w_idx)
+        M = g.sum(-1)
+        return g.sub_(p.mul_(M[:, None])), None, None, None, None
 
 
 def prior_kl(alpha1: float, n_real: int) -> float:
