@@ -618,6 +618,15 @@ def slurm_array(spec: dict, plans: list[RunPlan], *, nodes: int, gpus_per_node: 
     return "\n".join(out) + "\n"
 
 
+def collect_script(name: str, d: Path, *, gpus_per_node: int, log_dir: str, python: str,
+                   setup: Optional[str]) -> str:
+    """The job that evaluates every finished run of the array (one node; one GPU where the array has any)."""
+    gpus = "#SBATCH --gpus-per-node=1\n" if gpus_per_node > 0 else ""
+    return (f"#!/bin/bash\n#SBATCH --job-name={name}-collect\n#SBATCH --nodes=1\n#SBATCH --ntasks=1\n{gpus}"
+            f"#SBATCH --time=04:00:00\n#SBATCH --output={log_dir}/%x-%j.out\n"
+            + (f"{setup}\n" if setup else "") + f"{python} -m launch.sweep collect {d}\n")
+
+
 def split_slurm_script(script: str) -> tuple[list[str], list[str]]:
     """(#SBATCH lines, the body after them) of a launch.slurm script."""
     lines = script.rstrip("\n").split("\n")
@@ -709,10 +718,10 @@ def main(argv=None) -> None:
                          signal_lead=a.signal_lead, port=a.port, log_dir=a.log_dir, python=a.python, setup=a.setup,
                          max_parallel=a.max_parallel if a.max_parallel > 1 else 0)
     (d / "sweep.sbatch").write_text(script)
-    (d / "collect.sbatch").write_text(
-        f"#!/bin/bash\n#SBATCH --job-name={spec['name']}-collect\n#SBATCH --nodes=1\n#SBATCH --ntasks=1\n"
-        f"#SBATCH --gpus-per-node=1\n#SBATCH --time=04:00:00\n#SBATCH --output={a.log_dir}/%x-%j.out\n"
-        + (f"{a.setup}\n" if a.setup else "") + f"{a.python} -m launch.sweep collect {d}\n")
+    (d / "collect.sbatch").write_text(collect_script(spec["name"], d, gpus_per_node=a.gpus_per_node,
+                                                     log_dir=a.log_dir, python=a.python, setup=a.setup))
+    from launch.slurm import make_log_dir
+    make_log_dir(a.log_dir)  # both jobs' --output folder: slurm kills a job whose folder is missing
     print(f"wrote {d / 'sweep.sbatch'} ({len(plans)} array tasks) and {d / 'collect.sbatch'}; submit with\n"
           f"  jid=$(sbatch --parsable {d / 'sweep.sbatch'}) && sbatch --dependency=afterany:$jid "
           f"{d / 'collect.sbatch'}")

@@ -170,6 +170,22 @@ def test_slurm_array_task_is_what_launch_slurm_writes_for_each_run(words, tmp_pa
         assert f"train.name={p.name}" in "\n".join(body) and "scontrol requeue" in "\n".join(body)
 
 
+def test_slurm_backend_writes_both_jobs_and_their_log_folder(words, tmp_path, monkeypatch):
+    """run --backend slurm: the array and the collect job, the log folder created (slurm kills a job whose
+    --output folder is missing), and no GPU request on a CPU cluster."""
+    path = _write(tmp_path / "s.yaml", _spec(words, tmp_path, objectives=["mdm"], unique_tokens=[0]))
+    monkeypatch.chdir(tmp_path)
+    for gpus, want in (("0", False), ("2", True)):
+        log_dir = tmp_path / f"logs-{gpus}" / "sweep"
+        sweep.main(["run", str(path), "--backend", "slurm", "--gpus-per-node", gpus, "--log-dir", str(log_dir)])
+        assert log_dir.is_dir()
+        d = sweep.sweep_dir(sweep.load_sweep(path))
+        collect = (d / "collect.sbatch").read_text()
+        assert ("#SBATCH --gpus-per-node=1" in collect) == want, collect
+        assert f"#SBATCH --output={log_dir}/%x-%j.out" in collect and f"launch.sweep collect {d}" in collect
+        assert "#SBATCH --array=0-3" in (d / "sweep.sbatch").read_text()
+
+
 # ----------------------------------------------------------------------------- kill and resume
 
 def _events(d: Path) -> list[dict]:
