@@ -183,7 +183,10 @@ def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, a
         mcfg = replace(mcfg, time_conditioning="adaln")  # as the trainer requires (and launch.sweep sets)
     row_loss_bytes = getattr(obj, "row_loss_bytes", 0)
     input_multiplier = getattr(obj, "input_multiplier", 1)  # block: the 2L input
-    passes = obj.forward_passes if isinstance(obj.forward_passes, int) else 1  # genmd4: a pass per mask
+    passes = obj.forward_passes  # genmd4: a pass per mask
+    if not isinstance(passes, int):  # an instance property (no --config): the objective's default config
+        from model.objectives import DiffusionConfig
+        passes = build_objective(DiffusionConfig(objective=objective), mask_id=None, vocab_size=None).forward_passes
     if row_loss_bytes and hasattr(obj, "chunk"):  # uniform/hybrid: diffusion.row_chunk rows (default) if smaller
         from model.objectives import DiffusionConfig
         ce_chunk = min(ce_chunk, DiffusionConfig().row_chunk) if ce_chunk > 0 else DiffusionConfig().row_chunk

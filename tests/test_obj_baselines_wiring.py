@@ -62,6 +62,7 @@ def test_plan_counts_adaln_and_the_row_loss():
     from launch.plan import Layout, plan
     from model.config import get_preset
     from model.objectives import DiffusionConfig
+    from model.objectives.config import GenMD4Config
     mcfg = dataclasses.replace(get_preset("tiny"), vocab_size=65, mask_id=64)
     kw = dict(seq_len=64, global_batch=1, micro=1, ac="none", ac_every=2, ce_chunk=4096)
     one = Layout(1, 1, 1, 1)
@@ -76,6 +77,11 @@ def test_plan_counts_adaln_and_the_row_loss():
         assert p["ce_head"] == rows * 2 * d * 2 + rows * per_logit * V, (name, dcfg)
     with pytest.raises(ValueError, match="unknown --objective 'sed'"):
         plan(mcfg, one, objective="sed", **kw)
+    # genmd4 without a config: the default (2 masks per t, two network passes), not one pass
+    two, again, once = (plan(mcfg, one, objective="genmd4", diffusion=dcfg, **kw) for dcfg in
+                        (None, DiffusionConfig(objective="genmd4"),
+                         DiffusionConfig(objective="genmd4", genmd4=GenMD4Config(samples_per_t=1))))
+    assert two == again and two != once
 
 
 # ------------------------------------------------------------------------------------------ the lm-eval model
