@@ -2,6 +2,7 @@
 and its peak memory, each objective in its own process.
 
     python benchmarks/objective_step.py [--steps 4] [--batch 8] [--seq 256] [--threads 1] [--row-chunk N]
+        [--model dim=16 n_layers=2 ...]   (another shape: ModelConfig fields over bench-25m's)
 
 The peak is the process's maximum RSS during the timed steps less its RSS before the first step (model and
 optimizer state built, so the difference is activations + the loss's logits + gradients/optimizer growth).
@@ -29,13 +30,31 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def model_overrides(items: list[str]) -> dict:
+    """--model KEY=VALUE ... -> {key: int/float/str value} for ModelConfig fields."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model {item!r}: expected KEY=VALUE, e.g. --model dim=16 n_layers=2")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = value
+    return out
+
+
 def one(objective: str, cond: str, steps: int, warmup: int, batch: int, seq: int, chunk: int,
-        row_chunk: int = -1) -> dict:
+        row_chunk: int = -1, model: tuple = ()) -> dict:
     import torch
     from model import Transformer, get_preset
     from model.objectives import DiffusionConfig, build_objective
     import dataclasses
-    cfg = dataclasses.replace(get_preset("bench-25m"), time_conditioning=cond)
+    cfg = dataclasses.replace(get_preset("bench-25m"), time_conditioning=cond, **model_overrides(list(model)))
     model = Transformer(cfg)
     model.init_weights(seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -78,6 +97,9 @@ def main() -> None:
     ap.add_argument("--row-chunk", type=int, default=-1,
                     help="diffusion.row_chunk of uniform/hybrid (rows per chunk of the row loss; -1: the default)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="ModelConfig fields replacing the bench-25m shape, e.g. the noise-type sweep's smallest "
+                         "model: dim=16 n_layers=2 n_heads=2 ffn_dim=64 cond_dim=32 vocab_size=2048 mask_id=1 max_seq_len=128")
     ap.add_argument("--case", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
@@ -86,17 +108,19 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         name, cond = args.case.split(":")
         print(json.dumps(one(name, cond, args.steps, args.warmup, args.batch, args.seq, args.chunk,
-                             args.row_chunk)))
+                             args.row_chunk, tuple(args.model))))
         return
     rows = []
     for name, cond in CASES:
         cmd = [sys.executable, __file__, "--case", f"{name}:{cond}", "--steps", str(args.steps), "--warmup",
                str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--chunk", str(args.chunk),
-               "--row-chunk", str(args.row_chunk), "--threads", str(args.threads)]
+               "--row-chunk", str(args.row_chunk), "--threads", str(args.threads)] + (["--model", *args.model]
+                                                                                    if args.model else [])
         rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
                                .splitlines()[-1]))
     ref = rows[0]
-    print(f"batch {args.batch} x seq {args.seq}, vocab {ref['vocab']}, ce_chunk {args.chunk}, "
+    print(f"{' '.join(args.model) or 'bench-25m'}: batch {args.batch} x seq {args.seq}, vocab {ref['vocab']}, "
+          f"ce_chunk {args.chunk}, "
           f"row_chunk {rows[-1]['row_chunk']}, threads {ref['threads']}")
     print("| objective | time cond. | step median (best) | x mdm | CPU time per step | x mdm | peak over base | x mdm |\n"
           "|---|---|---|---|---|---|---|---|")
