@@ -48,7 +48,7 @@ import torch
 
 from .base import EvalDraw, Noised, Objective, StepNoise, draw_step_noise, noise_level, register
 from .common import (RealVocab, add_token_draw, categorical, choice, corrupt, count_forward, pad_draws,  # noqa: F401
-                     position_uniforms, real_count, real_ids, real_log_probs, real_token_probs, start_generation,
+                     position_uniforms, real_count, real_ids, real_token_probs, start_generation,
                      uniform_tokens)
 from .mdm import autocast_for, eval_generator
 from .schedules import Schedule, get_schedule
