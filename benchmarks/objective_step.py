@@ -31,21 +31,9 @@ def rss_mb() -> float:
 
 
 def model_overrides(items: list[str]) -> dict:
-    """--model KEY=VALUE ... -> {key: int/float/str value} for ModelConfig fields."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--model {item!r}: expected KEY=VALUE, e.g. --model dim=16 n_layers=2")
-        for cast in (int, float):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                pass
-        else:
-            out[key] = value
-    return out
+    """--model KEY=VALUE ... -> {key: value} for ModelConfig fields (values parsed as the trainer's overrides)."""
+    from pretrain.config import parse_override
+    return dict(parse_override(item) for item in items)
 
 
 def one(objective: str, cond: str, steps: int, warmup: int, batch: int, seq: int, chunk: int,

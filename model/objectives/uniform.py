@@ -78,8 +78,7 @@ def duo_nll(logits: torch.Tensor, z: torch.Tensor, x: torch.Tensor, alpha: torch
     if alpha.requires_grad or dalpha.requires_grad:
         raise ValueError("duo_nll differentiates the logits only; alpha and alpha' must not require grad")
     dt = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-    V = logits.shape[-1]
-    N = V - int(mask_id is not None and 0 <= mask_id < V)
+    N = real_count(logits.shape[-1], mask_id)
     a, da = alpha.to(dt), dalpha.to(dt)
     S, lg = mixture_log_stats(logits, N * a, 1.0 - a, torch.stack([z, x], -1), mask_id=mask_id)
     lz, lx = lg[:, 0], lg[:, 1]
@@ -116,12 +115,12 @@ def mixture_log_stats(logits: torch.Tensor, scale: torch.Tensor, const: torch.Te
     return _MixtureLogStats.apply(logits, scale.to(logits.dtype), const.to(logits.dtype), idx, mask_id)
 
 
-def _real_softmax(logits: torch.Tensor, mid: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax over the real tokens (n, V), the row max of the real logits)."""
+def _masked(logits: torch.Tensor, mid: Optional[int]) -> torch.Tensor:
+    """A copy of the logits with the mask column at -inf (the softmax over it is over the real tokens)."""
     masked = logits.clone()
     if mid is not None:
         masked[:, mid] = float("-inf")
-    return torch.softmax(masked, -1), masked.amax(-1)  # amax: max(dim) with indices is ~15x slower on CPU
+    return masked
 
 
 class _MixtureLogStats(torch.autograd.Function):
@@ -133,7 +132,10 @@ class _MixtureLogStats(torch.autograd.Function):
     def forward(ctx, logits, scale, const, idx, mask_id):
         V = logits.shape[-1]
         mid = mask_id if mask_id is not None and 0 <= mask_id < V else None
-        p, top = _real_softmax(logits, mid)
+        masked = _masked(logits, mid)
+        top = masked.amax(-1)  # amax: max(dim) with indices is ~15x slower on CPU
+        p = torch.softmax(masked, -1)
+        del masked
         # log p at idx from the logits: lse = top - log(max p) (the max of p sits at the top logit, and is
         # >= 1/V, so it never underflows)
         lse = top - p.amax(-1).log()
@@ -151,7 +153,7 @@ class _MixtureLogStats(torch.autograd.Function):
     def backward(ctx, gS, glg):
         logits, scale, const, idx = ctx.saved_tensors
         mid = ctx.mid
-        p, _ = _real_softmax(logits, mid)
+        p = torch.softmax(_masked(logits, mid), -1)
         # two (n, V) buffers, updated in place (fresh CPU allocations of this size cost as much as a pass)
         g = torch.mul(p, scale[:, None])
         g.add_(const[:, None]).reciprocal_().mul_(p).mul_(scale[:, None])  # w = scale p / q
