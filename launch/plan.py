@@ -172,7 +172,7 @@ def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, a
          reduce_every_micro_batch: bool = False, objective: str = "mdm", diffusion=None) -> dict:
     """`diffusion`: the run's diffusion section, when known (a --config): the objective as configured (d3pm's
     uniform graph keeps more per logit than its absorbing one); else the objective's class (its worst case)."""
-    from model.objectives import OBJECTIVES, build_objective
+    from model.objectives import OBJECTIVES, DiffusionConfig, build_objective
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown --objective {objective!r}; choices: {', '.join(OBJECTIVES)}")
     obj = OBJECTIVES[objective]
@@ -185,10 +185,8 @@ def plan(mcfg, layout: Layout, *, seq_len: int, global_batch: int, micro: int, a
     input_multiplier = getattr(obj, "input_multiplier", 1)  # block: the 2L input
     passes = obj.forward_passes  # genmd4: a pass per mask
     if not isinstance(passes, int):  # an instance property (no --config): the objective's default config
-        from model.objectives import DiffusionConfig
         passes = build_objective(DiffusionConfig(objective=objective), mask_id=None, vocab_size=None).forward_passes
     if row_loss_bytes and hasattr(obj, "chunk"):  # uniform/hybrid: diffusion.row_chunk rows (default) if smaller
-        from model.objectives import DiffusionConfig
         ce_chunk = min(ce_chunk, DiffusionConfig().row_chunk) if ce_chunk > 0 else DiffusionConfig().row_chunk
     exact = sharded_state_bytes(mcfg, layout)
     dp = exact["dims"]["dp"]
